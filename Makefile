@@ -1,0 +1,54 @@
+# Shepherd: `make run` brings the whole mesh up locally; `make test` runs the suite.
+# Both create the virtual environment and generate the gRPC stubs first, so a fresh clone
+# needs nothing installed by hand beyond Python 3.11+.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+GEN := gen
+PROTOS := $(shell find protos -name '*.proto')
+GEN_STAMP := $(GEN)/.stamp
+PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
+
+.PHONY: all venv gen run test lint fmt bench clean
+
+all: gen
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Generate the Python stubs for every proto into gen/ and put gen/ on the venv's import path.
+$(GEN_STAMP): $(STAMP) $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	echo "$(CURDIR)/$(GEN)" > $(PTH)
+	touch $@
+
+gen: $(GEN_STAMP)
+
+run: gen
+	$(BIN)/python -m deploy.local.launcher
+
+test: gen
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/buf lint
+	$(BIN)/buf format --exit-code > /dev/null
+
+fmt: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/buf format -w
+
+clean:
+	rm -rf $(GEN) .build .run

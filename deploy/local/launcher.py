@@ -1,0 +1,267 @@
+"""The local launcher: the whole mesh on one machine, for `make run` and for the tests.
+
+It starts, in order: a Valkey server (unless REDIS_URL points at one), a Triton node serving
+deploy/triton/model_repository on CPU, the hosted-API simulator (unless a real
+SHEPHERD_HOSTED_API_KEY is configured), then billing, cache, scheduler and router, each as
+its own `python -m services.<name>` process. It waits until every service reports SERVING on
+the standard health service, issues a fresh dev API key, and stops everything in reverse
+order on Ctrl-C or SIGTERM. Nothing listens anywhere but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.local.ports import free_port
+from deploy.local.processes import spawn, stop, tail
+from deploy.local.provider_sim import SimProcess
+from deploy.local.triton import TritonNode, TritonNodeConfig
+from deploy.local.valkey import ValkeyConfig, ValkeyServer
+from libs.config import DEFAULT_PORTS, REPO_ROOT, env_int
+from services.router.auth import issue_key_at
+
+SERVICES = ("billing", "cache", "scheduler", "router")
+LOCAL_POOL = "local"
+DEV_TENANT = "dev"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """How to lay the mesh out on this machine."""
+
+    run_dir: Path
+    service_ports: Mapping[str, int]
+    redis_url: str = ""  # empty: start a local Valkey server
+    hosted_api_key: str = ""  # empty: start the provider simulator
+    otlp_endpoint: str = ""
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, run_dir: Path) -> MeshConfig:
+        """`make run`: the documented default ports, overridable per service."""
+        return cls(
+            run_dir=run_dir,
+            service_ports={
+                name: env_int(f"SHEPHERD_{name.upper()}_PORT", port, minimum=1, maximum=65535)
+                for name, port in DEFAULT_PORTS.items()
+            },
+            redis_url=os.environ.get("REDIS_URL", ""),
+            hosted_api_key=os.environ.get("SHEPHERD_HOSTED_API_KEY", ""),
+            otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        )
+
+    @classmethod
+    def ephemeral(cls, run_dir: Path, **kwargs: object) -> MeshConfig:
+        """Tests: every port picked free at start."""
+        ports = {name: free_port() for name in SERVICES}
+        return cls(run_dir=run_dir, service_ports=ports, **kwargs)  # type: ignore[arg-type]
+
+
+class MeshStartError(RuntimeError):
+    """A component did not come up; the message includes the tail of its log."""
+
+
+class LocalMesh:
+    """Owns every process of a local mesh."""
+
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.valkey: ValkeyServer | None = None
+        self.triton: TritonNode | None = None
+        self.sim: SimProcess | None = None
+        self.services: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis_url = config.redis_url
+        self.dev_api_key = ""
+        self.log_dir = config.run_dir / "logs"
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.config.service_ports[service]}"
+
+    def service_env(self) -> dict[str, str]:
+        """The environment every service process gets."""
+        assert self.triton is not None
+        env = {
+            **os.environ,
+            **self.config.extra_env,
+            "PYTHONUNBUFFERED": "1",
+            "REDIS_URL": self.redis_url,
+            f"SHEPHERD_POOL_{LOCAL_POOL.upper()}_NODES": self.triton.config.grpc_url,
+        }
+        for name in SERVICES:
+            env[f"SHEPHERD_{name.upper()}_PORT"] = str(self.config.service_ports[name])
+            env[f"SHEPHERD_{name.upper()}_ADDR"] = self.address(name)
+        if self.sim is not None:
+            env["SHEPHERD_HOSTED_API_KEY"] = self.sim.api_key
+            env["SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL"] = self.sim.base_url
+        if self.config.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        return env
+
+    def start(self, timeout_s: float = 180.0) -> LocalMesh:
+        """Start everything and wait until it is healthy; on failure stop what was started."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.redis_url:
+            self.valkey = ValkeyServer(
+                ValkeyConfig(port=free_port(), data_dir=self.config.run_dir / "valkey")
+            ).start()
+            self.redis_url = self.valkey.config.url
+        self.triton = TritonNode(
+            TritonNodeConfig.with_free_ports(
+                work_dir=self.config.run_dir / "triton",
+                log_file=self.log_dir / "triton.log",
+            )
+        ).start()
+        if not self.config.hosted_api_key:
+            self.sim = SimProcess(
+                api_key="sim-" + secrets.token_hex(8), log_path=self.log_dir / "provider_sim.log"
+            ).start()
+        self.triton.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
+        env = self.service_env()
+        for name in SERVICES:
+            self.services[name] = spawn(
+                [sys.executable, "-m", f"services.{name}"],
+                env=env,
+                log_path=self.log_dir / f"{name}.log",
+            )
+        for name in SERVICES:
+            self._wait_serving(name, deadline)
+        self.dev_api_key = asyncio.run(issue_key_at(self.redis_url, DEV_TENANT))
+
+    def _wait_serving(self, name: str, deadline: float) -> None:
+        proc = self.services[name]
+        with grpc.insecure_channel(self.address(name)) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if proc.poll() is not None:
+                    raise MeshStartError(
+                        f"the {name} service exited with status {proc.returncode}:\n"
+                        + tail(self.log_dir / f"{name}.log")
+                    )
+                try:
+                    response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise MeshStartError(
+                        f"the {name} service did not report SERVING on {self.address(name)}:\n"
+                        + tail(self.log_dir / f"{name}.log")
+                    )
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop everything, router first, so no request is accepted that cannot finish."""
+        for name in reversed(SERVICES):
+            proc = self.services.pop(name, None)
+            if proc is not None:
+                stop(proc)
+        if self.sim is not None:
+            self.sim.stop()
+            self.sim = None
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+        if self.valkey is not None:
+            self.valkey.stop()
+            self.valkey = None
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def banner(mesh: LocalMesh) -> str:
+    """What `make run` prints: endpoints, the dev key and a call to copy."""
+    grpcurl = shutil.which("grpcurl") or str(REPO_ROOT / ".venv" / "bin" / "grpcurl")
+    router = mesh.address("router")
+    body = '{"model": "tiny", "messages": [{"role": "ROLE_USER", "content": "Hello, Shepherd"}]}'
+    hosted = (
+        f"provider simulator at {mesh.sim.base_url} (set SHEPHERD_HOSTED_API_KEY for the real API)"
+        if mesh.sim is not None
+        else "the real hosted API (SHEPHERD_HOSTED_API_KEY is set)"
+    )
+    assert mesh.triton is not None
+    lines = [
+        "",
+        "Shepherd is up.",
+        "",
+        *(f"  {name:<10} {mesh.address(name)}" for name in reversed(SERVICES)),
+        f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, model tiny_lm on CPU)",
+        f"  {'hosted':<10} {hosted}",
+        f"  {'redis':<10} {mesh.redis_url}",
+        f"  {'logs':<10} {mesh.log_dir}",
+        "",
+        f'Dev API key for tenant "{DEV_TENANT}" (new each run, shown only here):',
+        f"  {mesh.dev_api_key}",
+        "",
+        'Chat with the self-hosted model (try "gpt4" for the hosted one):',
+        f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' \\",
+        f"    -d '{body}' \\",
+        f"    {router} shepherd.router.v1.RouterService/Chat",
+        "",
+        "Billing totals for the tenant:",
+        f'  {grpcurl} -plaintext -d \'{{"tenant": "{DEV_TENANT}"}}\' \\',
+        f"    {mesh.address('billing')} shepherd.billing.v1.BillingService/GetTenantUsage",
+        "",
+        "Press Ctrl-C to stop everything.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    mesh = LocalMesh(MeshConfig.from_env(REPO_ROOT / ".run"))
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    print("Starting Valkey, Triton, the provider simulator and the four services...", flush=True)
+    try:
+        mesh.start()
+        print(banner(mesh), flush=True)
+        while not stopping:
+            for name, proc in mesh.services.items():
+                if proc.poll() is not None:
+                    print(f"\nthe {name} service exited; see {mesh.log_dir / name}.log")
+                    stopping = True
+            time.sleep(0.5)
+    except Exception as error:
+        print(f"\nstart-up failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        print("\nStopping...", flush=True)
+        mesh.stop()
+        print("Stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

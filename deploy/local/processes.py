@@ -1,0 +1,73 @@
+"""Starting and stopping the local processes so none outlives its launcher.
+
+Each child runs in its own session (so a Ctrl-C in the terminal reaches only the launcher,
+which then stops children in order) and asks the kernel to SIGKILL it if the launcher dies
+(PR_SET_PDEATHSIG), so even a crashed test run leaves no server holding ports behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from libs.config import REPO_ROOT
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal() -> None:
+    """Child-side hook: SIGKILL this process when the thread that started it exits."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log_path: Path,
+    cwd: Path = REPO_ROOT,
+    stdout: int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a child in its own session with output appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=set_parent_death_signal,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int:
+    """SIGTERM the child's whole process group, wait, then SIGKILL what is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # Grandchildren (e.g. Triton's backend stubs) share the group and are reaped here too.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait(timeout=timeout_s)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for error messages that say what went wrong."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

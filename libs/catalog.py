@@ -1,0 +1,270 @@
+"""The model catalog: public model names and aliases, prices, batching and deployments.
+
+The catalog is the one place that says which public model runs where. The router resolves
+aliases with it, the scheduler finds deployments and batching settings in it, the cache reads
+model families from it and billing reads prices from it, so all four load the same YAML file
+(`deploy/catalog.yaml` by default, `SHEPHERD_CATALOG` to override).
+
+Prices are exact: "8.00" US dollars per million tokens becomes 8_000_000_000 nano-dollars per
+million tokens, and a request's cost is an integer number of nano-dollars.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import yaml
+
+from libs.config import ConfigError
+from libs.errors import ShepherdError
+
+NANO_PER_USD = 1_000_000_000
+TOKENS_PER_PRICE_UNIT = 1_000_000
+
+DeploymentKind = Literal["triton", "hosted"]
+
+
+@dataclass(frozen=True)
+class Price:
+    """Prices in integer nano-USD per million tokens."""
+
+    input_nano_per_million: int
+    output_nano_per_million: int
+
+    def cost_nano(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The cost of one request in nano-USD, rounded half up once, per request."""
+        numerator = (
+            prompt_tokens * self.input_nano_per_million
+            + completion_tokens * self.output_nano_per_million
+        )
+        return (numerator + TOKENS_PER_PRICE_UNIT // 2) // TOKENS_PER_PRICE_UNIT
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching settings of one model."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    preferred_batch_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One place a model can run: a Triton model on a node pool, or a hosted API model."""
+
+    name: str
+    kind: DeploymentKind
+    backend_model: str
+    pool: str = ""
+    provider: str = ""
+
+
+@dataclass(frozen=True)
+class Model:
+    """One canonical public model."""
+
+    name: str
+    aliases: tuple[str, ...]
+    family: str
+    priority: int
+    price: Price
+    default_max_tokens: int
+    max_output_tokens: int
+    batching: Batching
+    cache_ttl_s: int
+    deployments: tuple[Deployment, ...]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A set of Triton nodes, as gRPC `host:port` addresses."""
+
+    name: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A hosted OpenAI-compatible API and the environment variable holding its key."""
+
+    name: str
+    base_url: str
+    api_key_env: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The parsed, validated catalog."""
+
+    models: Mapping[str, Model]
+    aliases: Mapping[str, str]
+    pools: Mapping[str, Pool]
+    providers: Mapping[str, Provider]
+
+    def resolve(self, name: str) -> Model:
+        """Return the model a public name or alias refers to, or NOT_FOUND with suggestions."""
+        key = name.strip().lower()
+        canonical = self.aliases.get(key)
+        if canonical is None:
+            known = sorted(self.aliases)
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ShepherdError(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(self.models))}"
+                " (call ListModels for aliases).",
+            )
+        return self.models[canonical]
+
+
+def usd_to_nano(value: Any, where: str) -> int:
+    """Convert a decimal USD amount written as a string to exact integer nano-USD."""
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{where}: {value!r} is not a decimal amount of US dollars") from None
+    nano = amount * NANO_PER_USD
+    if nano != nano.to_integral_value() or nano < 0:
+        raise ConfigError(
+            f"{where}: {value!r} must be a non-negative amount with at most 9 decimals"
+        )
+    return int(nano)
+
+
+def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in mapping:
+        raise ConfigError(f"{where}: missing required key {key!r}")
+    return mapping[key]
+
+
+def _env_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).upper()
+
+
+def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Catalog:
+    """Validate raw catalog data; node lists and base URLs can be overridden from `env`.
+
+    `SHEPHERD_POOL_<POOL>_NODES=host:port,...` replaces a pool's nodes (the local launcher and
+    tests use it for their ephemeral ports) and `SHEPHERD_PROVIDER_<NAME>_BASE_URL` replaces a
+    provider's URL.
+    """
+    env = os.environ if env is None else env
+    pools: dict[str, Pool] = {}
+    for name, spec in (data.get("pools") or {}).items():
+        override = env.get(f"SHEPHERD_POOL_{_env_name(name)}_NODES", "")
+        nodes = [n.strip() for n in override.split(",") if n.strip()] if override else spec["nodes"]
+        if not nodes:
+            raise ConfigError(f"pools.{name}: at least one node address is required")
+        pools[name] = Pool(name=name, nodes=tuple(nodes))
+    providers: dict[str, Provider] = {}
+    for name, spec in (data.get("providers") or {}).items():
+        where = f"providers.{name}"
+        base_url = env.get(f"SHEPHERD_PROVIDER_{_env_name(name)}_BASE_URL", "") or _require(
+            spec, "base_url", where
+        )
+        providers[name] = Provider(
+            name=name,
+            base_url=str(base_url).rstrip("/"),
+            api_key_env=str(_require(spec, "api_key_env", where)),
+        )
+
+    defaults = data.get("defaults") or {}
+    models: dict[str, Model] = {}
+    aliases: dict[str, str] = {}
+    for name, spec in (_require(data, "models", "catalog") or {}).items():
+        where = f"models.{name}"
+        merged = {**defaults, **spec}
+        batching_spec = {**(defaults.get("batching") or {}), **(spec.get("batching") or {})}
+        price_spec = _require(merged, "price", where)
+        deployments = []
+        for index, dep in enumerate(_require(merged, "deployments", where)):
+            dep_where = f"{where}.deployments[{index}]"
+            kind = _require(dep, "kind", dep_where)
+            if kind == "triton":
+                pool = str(_require(dep, "pool", dep_where))
+                if pool not in pools:
+                    raise ConfigError(f"{dep_where}: unknown pool {pool!r}")
+                deployment = Deployment(
+                    name=str(dep.get("name", f"{pool}/{dep['model']}")),
+                    kind="triton",
+                    backend_model=str(_require(dep, "model", dep_where)),
+                    pool=pool,
+                )
+            elif kind == "hosted":
+                provider = str(_require(dep, "provider", dep_where))
+                if provider not in providers:
+                    raise ConfigError(f"{dep_where}: unknown provider {provider!r}")
+                deployment = Deployment(
+                    name=str(dep.get("name", f"{provider}/{dep['model']}")),
+                    kind="hosted",
+                    backend_model=str(_require(dep, "model", dep_where)),
+                    provider=provider,
+                )
+            else:
+                raise ConfigError(f"{dep_where}: kind must be 'triton' or 'hosted', not {kind!r}")
+            deployments.append(deployment)
+        if not deployments:
+            raise ConfigError(f"{where}: at least one deployment is required")
+        batching = Batching(
+            max_batch_size=int(batching_spec.get("max_batch_size", 8)),
+            max_queue_delay_ms=float(batching_spec.get("max_queue_delay_ms", 50)),
+            preferred_batch_sizes=tuple(
+                int(s) for s in batching_spec.get("preferred_batch_sizes", ())
+            ),
+        )
+        if batching.max_batch_size < 1 or batching.max_queue_delay_ms < 0:
+            raise ConfigError(f"{where}.batching: max_batch_size >= 1 and max_queue_delay_ms >= 0")
+        model = Model(
+            name=name,
+            aliases=tuple(str(a) for a in merged.get("aliases", ())),
+            family=str(merged.get("family", name)),
+            priority=int(merged.get("priority", 5)),
+            price=Price(
+                input_nano_per_million=usd_to_nano(
+                    _require(price_spec, "input_usd_per_million", f"{where}.price"),
+                    f"{where}.price",
+                ),
+                output_nano_per_million=usd_to_nano(
+                    _require(price_spec, "output_usd_per_million", f"{where}.price"),
+                    f"{where}.price",
+                ),
+            ),
+            default_max_tokens=int(merged.get("default_max_tokens", 256)),
+            max_output_tokens=int(merged.get("max_output_tokens", 4096)),
+            batching=batching,
+            cache_ttl_s=int(merged.get("cache_ttl_s", 3600)),
+            deployments=tuple(deployments),
+        )
+        models[name] = model
+        for key in (name, *model.aliases):
+            key = key.lower()
+            if key in aliases and aliases[key] != name:
+                raise ConfigError(
+                    f"{where}: name or alias {key!r} is already used by {aliases[key]!r}"
+                )
+            aliases[key] = name
+    return Catalog(models=models, aliases=aliases, pools=pools, providers=providers)
+
+
+def load_catalog(path: Path, env: Mapping[str, str] | None = None) -> Catalog:
+    """Load and validate the catalog file; any problem fails start-up with its location."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read the model catalog {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the model catalog {path} must be a YAML mapping")
+    try:
+        return parse_catalog(data, env)
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"the model catalog {path} is malformed: {error!r}") from None

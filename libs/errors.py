@@ -1,0 +1,138 @@
+"""One error type for the whole mesh, mapped to gRPC statuses with google.rpc rich details.
+
+Code deep inside a service raises `ShepherdError`; the server interceptor installed by
+`libs.server` turns it into the gRPC status, message and details the caller sees. Errors that
+arrive from a peer service are passed on unchanged, rich details included, so the caller of
+the router sees the scheduler's own explanation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+from libs.telemetry import current_trace_id
+
+_log = logging.getLogger(__name__)
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ShepherdError(Exception):
+    """A failure the caller should see as `code` with an actionable `message`."""
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, details: Sequence[Message] = ()
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = tuple(details)
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """Encode the rich details the way grpcio-status and grpcurl read them."""
+        if not self.details:
+            return ()
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details:
+            packed = any_pb2.Any()
+            packed.Pack(detail)
+            status.details.append(packed)
+        return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+def invalid_argument(violations: Iterable[tuple[str, str]]) -> ShepherdError:
+    """INVALID_ARGUMENT with one google.rpc.BadRequest field violation per problem."""
+    items = list(violations)
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in items
+        ]
+    )
+    summary = "; ".join(f"{field}: {description}" for field, description in items)
+    return ShepherdError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", [bad_request]
+    )
+
+
+def resource_exhausted(message: str, retry_after_s: float | None) -> ShepherdError:
+    """RESOURCE_EXHAUSTED with google.rpc.RetryInfo telling the caller when to try again."""
+    details: list[Message] = []
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return ShepherdError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, details)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, peer: str) -> ShepherdError:
+    """Re-raise a peer's status as ours, keeping its code, message and rich details."""
+    details: list[Message] = []
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for packed in status.details:
+                for kind in (
+                    error_details_pb2.BadRequest,
+                    error_details_pb2.RetryInfo,
+                    error_details_pb2.QuotaFailure,
+                    error_details_pb2.ErrorInfo,
+                ):
+                    if packed.Is(kind.DESCRIPTOR):
+                        detail = kind()
+                        packed.Unpack(detail)
+                        details.append(detail)
+    code = error.code()
+    message = error.details() or f"{peer} failed with {code.name}"
+    if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():
+        message = f"the {peer} service is unreachable: {message}"
+    return ShepherdError(code, message, details)
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns ShepherdError into its status and any other exception into INTERNAL with a trace id.
+
+    Doing this in one interceptor keeps servicer methods free of try/except boilerplate and
+    guarantees that no Python traceback text ever reaches a caller.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior: Handler = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except ShepherdError as error:
+                await context.abort(error.code, error.message, error.trailing_metadata())
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                trace_id = current_trace_id()
+                _log.exception("unhandled error", extra={"method": method})
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error in {method}; see the service logs for trace id {trace_id}",
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,128 @@
+"""The one server bootstrap every Shepherd service runs on.
+
+It follows grpc's asyncio examples: build the server, register the service, add the standard
+health service and reflection (so `grpcurl list` works), start, flip health to SERVING, and on
+SIGTERM or SIGINT flip health to NOT_SERVING with `enter_graceful_shutdown()`, stop accepting,
+let in-flight calls finish within the grace period, and only then close the clients the
+service was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.asyncio as redis
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from libs.config import ServerConfig, TelemetryConfig
+from libs.errors import ErrorInterceptor
+from libs.logs import setup_logging
+from libs.telemetry import client_interceptors, server_interceptors, setup_tracing
+
+_log = logging.getLogger(__name__)
+
+Cleanup = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One gRPC service to serve: its generated `add_*_to_server`, servicer and descriptor."""
+
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: object
+    service: ServiceDescriptor
+
+
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+def setup_process(telemetry: TelemetryConfig) -> None:
+    """Set up logging and tracing before anything else is created."""
+    setup_logging(telemetry.service_name, telemetry.log_level)
+    setup_tracing(telemetry)
+
+
+def open_redis(url: str, timeout_s: float) -> redis.Redis:
+    """Create the shared Redis client with explicit timeouts on every command."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """Open a traced channel to a peer service; call once at start-up and share it."""
+    return grpc.aio.insecure_channel(
+        address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors()
+    )
+
+
+async def run_server(
+    config: ServerConfig,
+    bindings: Sequence[Binding],
+    cleanups: Sequence[Cleanup] = (),
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order."""
+    server = grpc.aio.server(interceptors=[*server_interceptors(), ErrorInterceptor()])
+    service_names = []
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+        service_names.append(binding.service.full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    if server.add_insecure_port(config.address) == 0:
+        raise OSError(f"{config.service} could not listen on {config.address}: is the port in use?")
+    await server.start()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _log.info("serving", extra={"address": config.address, "services": service_names})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    _log.info("shutting down", extra={"grace_s": config.grace_s})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    for cleanup in cleanups:
+        try:
+            await cleanup()
+        except Exception:
+            _log.exception("cleanup failed")
+    _log.info("stopped")
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()  # flushes spans still buffered for the OTLP exporter
+
+
+def outbound_timeout(context: grpc.aio.ServicerContext, cap_s: float) -> float:
+    """The timeout for a call made on behalf of `context`: its remaining deadline, at most cap_s.
+
+    Every outbound call gets an explicit deadline; when the caller gave one, the peer sees
+    what is left of it, so no service works on a request its caller has given up on.
+    """
+    remaining = context.time_remaining()
+    if remaining is None:
+        return cap_s
+    return max(0.0, min(cap_s, remaining))

@@ -1,0 +1,30 @@
+"""Billing's configuration, read once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from libs.config import ServerConfig, TelemetryConfig, catalog_path, env_float, redis_url
+
+
+@dataclass(frozen=True)
+class BillingConfig:
+    """Everything the billing service needs to start."""
+
+    server: ServerConfig
+    telemetry: TelemetryConfig
+    redis_url: str
+    redis_timeout_s: float
+    catalog: Path
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BillingConfig:
+        return cls(
+            server=ServerConfig.from_env("billing", env),
+            telemetry=TelemetryConfig.from_env("billing", env),
+            redis_url=redis_url(env),
+            redis_timeout_s=env_float("SHEPHERD_REDIS_TIMEOUT_S", 2.0, minimum=0.01, env=env),
+            catalog=catalog_path(env),
+        )

@@ -1,0 +1,28 @@
+"""Run the cache service: `python -m services.cache`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
+
+from libs.server import Binding, open_redis, run_server, setup_process
+from services.cache.config import CacheConfig
+from services.cache.servicer import CacheServicer
+from services.cache.store import ResponseStore
+
+
+async def serve() -> None:
+    config = CacheConfig.from_env()
+    setup_process(config.telemetry)
+    client = open_redis(config.redis_url, config.redis_timeout_s)
+    binding = Binding(
+        add=cache_pb2_grpc.add_CacheServiceServicer_to_server,
+        servicer=CacheServicer(ResponseStore(client, config.default_ttl_s)),
+        service=cache_pb2.DESCRIPTOR.services_by_name["CacheService"],
+    )
+    await run_server(config.server, [binding], cleanups=[client.aclose])
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())

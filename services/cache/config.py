@@ -1,0 +1,32 @@
+"""The cache service's configuration, read once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from libs.config import ServerConfig, TelemetryConfig, env_float, env_int, redis_url
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything the cache service needs to start."""
+
+    server: ServerConfig
+    telemetry: TelemetryConfig
+    redis_url: str
+    redis_timeout_s: float
+    default_ttl_s: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CacheConfig:
+        return cls(
+            server=ServerConfig.from_env("cache", env),
+            telemetry=TelemetryConfig.from_env("cache", env),
+            redis_url=redis_url(env),
+            # Short: a slow cache must not cost more than the work it saves.
+            redis_timeout_s=env_float(
+                "SHEPHERD_CACHE_REDIS_TIMEOUT_S", 0.25, minimum=0.01, env=env
+            ),
+            default_ttl_s=env_int("SHEPHERD_CACHE_TTL_S", 3600, minimum=1, env=env),
+        )

@@ -1,0 +1,51 @@
+"""Run the router: `python -m services.router`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shepherd.billing.v1 import billing_pb2_grpc
+from shepherd.cache.v1 import cache_pb2_grpc
+from shepherd.router.v1 import router_pb2, router_pb2_grpc
+from shepherd.scheduler.v1 import scheduler_pb2_grpc
+
+from libs.catalog import load_catalog
+from libs.server import Binding, open_channel, open_redis, run_server, setup_process
+from services.router.auth import Authenticator
+from services.router.config import RouterConfig
+from services.router.servicer import RouterServicer
+
+
+async def serve() -> None:
+    config = RouterConfig.from_env()
+    setup_process(config.telemetry)
+    catalog = load_catalog(config.catalog)
+    redis_client = open_redis(config.redis_url, 2.0)
+    channels = [
+        open_channel(address)
+        for address in (config.scheduler_addr, config.cache_addr, config.billing_addr)
+    ]
+    scheduler, cache, billing = channels
+    servicer = RouterServicer(
+        config,
+        catalog,
+        Authenticator(redis_client),
+        scheduler_pb2_grpc.SchedulerServiceStub(scheduler),
+        cache_pb2_grpc.CacheServiceStub(cache),
+        billing_pb2_grpc.BillingServiceStub(billing),
+    )
+
+    async def close_channels() -> None:
+        for channel in channels:
+            await channel.close()
+
+    binding = Binding(
+        add=router_pb2_grpc.add_RouterServiceServicer_to_server,
+        servicer=servicer,
+        service=router_pb2.DESCRIPTOR.services_by_name["RouterService"],
+    )
+    await run_server(config.server, [binding], cleanups=[close_channels, redis_client.aclose])
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())
