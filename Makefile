@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
-.PHONY: all venv gen run test lint fmt bench clean
+.PHONY: all venv gen run test lint fmt clean
 
 all: gen
 
@@ -36,10 +36,11 @@ gen: $(GEN_STAMP)
 run: gen
 	$(BIN)/python -m deploy.local.launcher
 
-test: gen
+# Lint first (cheap, and keeps the contracts buf-clean), then the whole suite against real servers.
+test: gen lint
 	$(BIN)/python -m pytest
 
-lint: venv
+lint: gen
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint

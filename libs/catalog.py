@@ -27,6 +27,8 @@ from libs.errors import ShepherdError
 
 NANO_PER_USD = 1_000_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000
+# A price cap that keeps every cost and total far inside int64 nano-USD (Money, HINCRBY).
+MAX_PRICE_USD = Decimal(1_000_000)
 
 DeploymentKind = Literal["triton", "hosted"]
 
@@ -131,6 +133,8 @@ def usd_to_nano(value: Any, where: str) -> int:
         amount = Decimal(str(value))
     except InvalidOperation:
         raise ConfigError(f"{where}: {value!r} is not a decimal amount of US dollars") from None
+    if not amount.is_finite() or amount > MAX_PRICE_USD:
+        raise ConfigError(f"{where}: {value!r} must be a finite amount of at most {MAX_PRICE_USD}")
     nano = amount * NANO_PER_USD
     if nano != nano.to_integral_value() or nano < 0:
         raise ConfigError(
@@ -160,7 +164,11 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
     pools: dict[str, Pool] = {}
     for name, spec in (data.get("pools") or {}).items():
         override = env.get(f"SHEPHERD_POOL_{_env_name(name)}_NODES", "")
-        nodes = [n.strip() for n in override.split(",") if n.strip()] if override else spec["nodes"]
+        nodes = (
+            [n.strip() for n in override.split(",") if n.strip()]
+            if override
+            else list(_require(spec or {}, "nodes", f"pools.{name}"))
+        )
         if not nodes:
             raise ConfigError(f"pools.{name}: at least one node address is required")
         pools[name] = Pool(name=name, nodes=tuple(nodes))
@@ -192,20 +200,22 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                 pool = str(_require(dep, "pool", dep_where))
                 if pool not in pools:
                     raise ConfigError(f"{dep_where}: unknown pool {pool!r}")
+                backend_model = str(_require(dep, "model", dep_where))
                 deployment = Deployment(
-                    name=str(dep.get("name", f"{pool}/{dep['model']}")),
+                    name=str(dep.get("name", f"{pool}/{backend_model}")),
                     kind="triton",
-                    backend_model=str(_require(dep, "model", dep_where)),
+                    backend_model=backend_model,
                     pool=pool,
                 )
             elif kind == "hosted":
                 provider = str(_require(dep, "provider", dep_where))
                 if provider not in providers:
                     raise ConfigError(f"{dep_where}: unknown provider {provider!r}")
+                backend_model = str(_require(dep, "model", dep_where))
                 deployment = Deployment(
-                    name=str(dep.get("name", f"{provider}/{dep['model']}")),
+                    name=str(dep.get("name", f"{provider}/{backend_model}")),
                     kind="hosted",
-                    backend_model=str(_require(dep, "model", dep_where)),
+                    backend_model=backend_model,
                     provider=provider,
                 )
             else:

@@ -49,6 +49,13 @@ _CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 
+# Clients reconnect every few minutes, so replicas added by an autoscaler behind a Kubernetes
+# Service start receiving traffic from long-lived peer channels too.
+_SERVER_OPTIONS = (
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+)
+
 
 def setup_process(telemetry: TelemetryConfig) -> None:
     """Set up logging and tracing before anything else is created."""
@@ -56,9 +63,20 @@ def setup_process(telemetry: TelemetryConfig) -> None:
     setup_tracing(telemetry)
 
 
-def open_redis(url: str, timeout_s: float) -> redis.Redis:
-    """Create the shared Redis client with explicit timeouts on every command."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.Redis:
+    """Create the shared Redis client with explicit timeouts on every command.
+
+    The pool blocks (up to the timeout) when all connections are busy, instead of failing
+    with "Too many connections" the moment a burst exceeds the pool.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return redis.Redis.from_pool(pool)
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
@@ -74,7 +92,9 @@ async def run_server(
     cleanups: Sequence[Cleanup] = (),
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order."""
-    server = grpc.aio.server(interceptors=[*server_interceptors(), ErrorInterceptor()])
+    server = grpc.aio.server(
+        interceptors=[*server_interceptors(), ErrorInterceptor()], options=_SERVER_OPTIONS
+    )
     service_names = []
     for binding in bindings:
         binding.add(binding.servicer, server)

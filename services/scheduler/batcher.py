@@ -126,10 +126,13 @@ class Batcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait_s)
                     continue
+            # Wait for a free slot before taking requests off the queue, so a batch is never
+            # held outside the queue where close() could not find it.
+            await self._slots.acquire()
             batch = self._take_batch()
             if not batch:
+                self._slots.release()
                 continue
-            await self._slots.acquire()
             task = asyncio.create_task(self._dispatch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)

@@ -12,7 +12,7 @@ from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Catalog
-from libs.errors import invalid_argument
+from libs.errors import ShepherdError, invalid_argument
 from services.scheduler.batcher import Batcher, PendingRequest
 
 _ROLES = {
@@ -58,5 +58,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         )
         self._batchers[model.name].submit(item)
         # If the caller cancels, awaiting cancels the future too, and the batcher skips it.
-        completion = await asyncio.wait_for(item.future, timeout_s)
+        try:
+            completion = await asyncio.wait_for(item.future, timeout_s)
+        except TimeoutError:
+            raise ShepherdError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer from the {model.name} backends within {timeout_s:.1f}s",
+            ) from None
         return scheduler_pb2.InferResponse(completion=completion)

@@ -1,0 +1,184 @@
+"""The usage ledger against a real Valkey server: idempotent, exact and durable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+
+from deploy.local.ports import free_port
+from deploy.local.valkey import ValkeyConfig, ValkeyServer
+from libs.server import open_redis
+from services.billing.ledger import Ledger, Totals, UsageEntry
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    server = ValkeyServer(
+        ValkeyConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-billing"))
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def client(valkey: ValkeyServer) -> AsyncIterator[redis.Redis]:
+    client = open_redis(valkey.config.url, 2.0)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def entry(
+    request_id: str,
+    *,
+    tenant: str = "acme",
+    model: str = "deepseek-v3.2",
+    prompt: int = 100,
+    completion: int = 20,
+    cost: int = 36_400,
+    cache_hit: bool = False,
+) -> UsageEntry:
+    return UsageEntry(
+        request_id=request_id,
+        tenant=tenant,
+        model=model,
+        deployment=f"holysheep/{model}",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_nano=cost,
+        cache_hit=cache_hit,
+        recorded_at_ms=1_700_000_000_000,
+    )
+
+
+async def test_same_request_id_bills_once(client: redis.Redis) -> None:
+    ledger = Ledger(client)
+
+    assert await ledger.record(entry("req-1", cost=36_400)) == (36_400, False)
+    # A retry of the same request, even with different numbers, is not billed again and
+    # reports what was billed the first time.
+    assert await ledger.record(entry("req-1", cost=99_999, prompt=5)) == (36_400, True)
+
+    totals = await ledger.tenant_totals("acme")
+    assert totals.overall == Totals(
+        requests=1, prompt_tokens=100, completion_tokens=20, cost_nano=36_400, cache_hits=0
+    )
+
+
+async def test_unknown_tenant_has_zero_totals(client: redis.Redis) -> None:
+    totals = await Ledger(client).tenant_totals("nobody")
+    assert totals.overall == Totals()
+    assert totals.models == {}
+
+
+async def test_totals_per_tenant_and_model_add_up_exactly(client: redis.Redis) -> None:
+    ledger = Ledger(client)
+    await ledger.record(entry("a1", model="gpt-4.1", prompt=1_000, completion=500, cost=6_000_000))
+    await ledger.record(entry("a2", model="gpt-4.1", prompt=10, completion=1, cost=28_000))
+    await ledger.record(entry("a3", model="deepseek-v3.2", prompt=7, completion=3, cost=3_220))
+    await ledger.record(
+        entry("a4", model="deepseek-v3.2", prompt=7, completion=3, cost=0, cache_hit=True)
+    )
+    await ledger.record(entry("b1", tenant="globex", model="gpt-4.1", prompt=1, cost=9))
+
+    acme = await ledger.tenant_totals("acme")
+    assert acme.overall == Totals(
+        requests=4, prompt_tokens=1_024, completion_tokens=507, cost_nano=6_031_220, cache_hits=1
+    )
+    assert acme.models == {
+        "gpt-4.1": Totals(
+            requests=2, prompt_tokens=1_010, completion_tokens=501, cost_nano=6_028_000
+        ),
+        "deepseek-v3.2": Totals(
+            requests=2, prompt_tokens=14, completion_tokens=6, cost_nano=3_220, cache_hits=1
+        ),
+    }
+    globex = await ledger.tenant_totals("globex")
+    assert globex.overall == Totals(requests=1, prompt_tokens=1, completion_tokens=20, cost_nano=9)
+    assert set(globex.models) == {"gpt-4.1"}
+
+
+async def test_large_amounts_stay_exact(client: redis.Redis) -> None:
+    ledger = Ledger(client)
+    big = 4_000_000_000_000_000_001  # beyond float precision (2**53), inside int64
+    await ledger.record(entry("big-1", cost=big))
+    await ledger.record(entry("big-2", cost=1))
+
+    totals = await ledger.tenant_totals("acme")
+    assert totals.overall.cost_nano == big + 1
+
+
+async def test_model_names_with_colons_keep_their_totals(client: redis.Redis) -> None:
+    ledger = Ledger(client)
+    await ledger.record(entry("c1", model="org:model:v2", cost=5))
+
+    totals = await ledger.tenant_totals("acme")
+    assert totals.models["org:model:v2"].cost_nano == 5
+    assert totals.models["org:model:v2"].requests == 1
+
+
+async def test_concurrent_duplicates_bill_each_request_exactly_once(valkey: ValkeyServer) -> None:
+    # 200 calls share a pool of 20 connections, as a billing replica under a burst does.
+    client = open_redis(valkey.config.url, 5.0, max_connections=20)
+    try:
+        await client.flushdb()
+        await check_concurrent_duplicates(Ledger(client))
+    finally:
+        await client.aclose()
+
+
+async def check_concurrent_duplicates(ledger: Ledger) -> None:
+    entries = [entry(f"conc-{i}", prompt=i, completion=2 * i, cost=1_000 + i) for i in range(100)]
+
+    results = await asyncio.gather(*(ledger.record(e) for e in entries + entries[::-1]))
+
+    assert sum(1 for _, duplicate in results if duplicate) == 100
+    first, second = results[:100], results[100:][::-1]
+    for e, (cost_a, dup_a), (cost_b, dup_b) in zip(entries, first, second, strict=True):
+        assert cost_a == cost_b == e.cost_nano
+        assert dup_a != dup_b  # exactly one of the two recorded it
+    totals = await ledger.tenant_totals("acme")
+    assert totals.overall.requests == 100
+    assert totals.overall.cost_nano == sum(1_000 + i for i in range(100))
+    assert totals.overall.prompt_tokens == sum(range(100))
+    assert totals.overall.completion_tokens == 2 * sum(range(100))
+
+
+async def test_totals_survive_a_valkey_restart(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = ValkeyServer(
+        ValkeyConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-restart"))
+    ).start()
+    try:
+        client = open_redis(server.config.url, 2.0)
+        try:
+            ledger = Ledger(client)
+            for i in range(10):
+                await ledger.record(entry(f"r{i}", cost=123_456_789 + i))
+            before = await ledger.tenant_totals("acme")
+        finally:
+            await client.aclose()
+        server.stop()  # SIGTERM: Valkey flushes the append-only file before exiting
+        server.start()
+
+        client = open_redis(server.config.url, 2.0)
+        try:
+            ledger = Ledger(client)
+            after = await ledger.tenant_totals("acme")
+            # The request ids survived too: a retry after the restart is still a duplicate.
+            assert await ledger.record(entry("r3", cost=1)) == (123_456_792, True)
+        finally:
+            await client.aclose()
+    finally:
+        server.stop()
+
+    assert before.overall.requests == 10
+    assert after == before

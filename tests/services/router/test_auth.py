@@ -1,0 +1,133 @@
+"""API keys against a real Valkey server: issued once, stored hashed, mapped to a tenant."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from deploy.local.ports import free_port
+from deploy.local.valkey import ValkeyConfig, ValkeyServer
+from libs.errors import ShepherdError
+from libs.server import open_redis
+from services.router.auth import KEY_PREFIX, KEYS_HASH, Authenticator, issue_key
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    server = ValkeyServer(
+        ValkeyConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-auth"))
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def client(valkey: ValkeyServer) -> AsyncIterator[redis.Redis]:
+    client = open_redis(valkey.config.url, 2.0)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("user-agent", "grpc-python"), ("authorization", f"Bearer {key}")]
+
+
+async def test_issued_key_maps_to_its_tenant(client: redis.Redis) -> None:
+    acme_key = await issue_key(client, "acme")
+    globex_key = await issue_key(client, "globex_2")
+    auth = Authenticator(client)
+
+    assert acme_key.startswith(KEY_PREFIX)
+    assert acme_key != globex_key
+    assert await auth.tenant_for(bearer(acme_key)) == "acme"
+    assert await auth.tenant_for(bearer(globex_key)) == "globex_2"
+    assert await auth.tenant_for([("authorization", f"bearer {acme_key}")]) == "acme"
+
+
+async def test_only_the_hash_is_stored(client: redis.Redis) -> None:
+    key = await issue_key(client, "acme")
+
+    stored = await client.hgetall(KEYS_HASH)
+    assert stored == {hashlib.sha256(key.encode()).hexdigest().encode(): b"acme"}
+    secret = key.removeprefix(KEY_PREFIX).encode()
+    for name in await client.keys("*"):
+        assert secret not in name
+        dump = await client.dump(name)
+        assert dump is not None and secret not in dump
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param(None, id="no-metadata"),
+        pytest.param([], id="empty-metadata"),
+        pytest.param([("x-api-key", "sk-shepherd-abc")], id="other-header"),
+        pytest.param([("authorization", "")], id="empty-header"),
+        pytest.param([("authorization", "Bearer")], id="scheme-only"),
+        pytest.param([("authorization", "Bearer    ")], id="blank-key"),
+        pytest.param([("authorization", "Basic dXNlcjpwYXNz")], id="basic-scheme"),
+        pytest.param([("authorization", "sk-shepherd-abc")], id="no-scheme"),
+    ],
+)
+async def test_missing_or_malformed_header_is_unauthenticated(
+    client: redis.Redis, metadata: list[tuple[str, str]] | None
+) -> None:
+    with pytest.raises(ShepherdError) as caught:
+        await Authenticator(client).tenant_for(metadata)
+
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer <key>" in caught.value.message
+
+
+async def test_unknown_key_is_unauthenticated_and_says_how_to_get_one(
+    client: redis.Redis,
+) -> None:
+    await issue_key(client, "acme")
+
+    with pytest.raises(ShepherdError) as caught:
+        await Authenticator(client).tenant_for(bearer("sk-shepherd-not-a-real-key"))
+
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "not registered" in caught.value.message
+    assert "python -m services.router.auth issue --tenant" in caught.value.message
+    assert "sk-shepherd-not-a-real-key" not in caught.value.message
+
+
+async def test_revoked_key_stops_working_after_the_cache_ttl(client: redis.Redis) -> None:
+    key = await issue_key(client, "acme")
+    auth = Authenticator(client, cache_ttl_s=0.0)
+    assert await auth.tenant_for(bearer(key)) == "acme"
+
+    await client.hdel(KEYS_HASH, hashlib.sha256(key.encode()).hexdigest())
+
+    with pytest.raises(ShepherdError) as caught:
+        await auth.tenant_for(bearer(key))
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_unreachable_key_store_is_unavailable_not_unauthenticated() -> None:
+    client = open_redis(f"redis://127.0.0.1:{free_port()}/0", 0.25)
+    try:
+        with pytest.raises(ShepherdError) as caught:
+            await Authenticator(client).tenant_for(bearer("sk-shepherd-whatever"))
+    finally:
+        await client.aclose()
+
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "key store is unreachable" in caught.value.message
+
+
+@pytest.mark.parametrize("tenant", ["", "acme corp", "a/b", "x:y"])
+async def test_issue_key_rejects_bad_tenant_names(client: redis.Redis, tenant: str) -> None:
+    with pytest.raises(ValueError, match="tenant"):
+        await issue_key(client, tenant)
+    assert await client.hlen(KEYS_HASH) == 0

@@ -1,0 +1,104 @@
+"""A real OTLP/gRPC trace receiver for the tests, built on the opentelemetry-proto services.
+
+Services export to it exactly as they would to Jaeger's OTLP port, so a test sees the spans
+a person would see in Jaeger, grouped by trace id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from deploy.local.ports import free_port
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One span as exported, with the service that exported it."""
+
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    links: tuple[tuple[str, str], ...]  # (trace id, span id) of each link
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        received = []
+        for resource_spans in request.resource_spans:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_spans.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    received.append(
+                        ReceivedSpan(
+                            service=service,
+                            name=span.name,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_span_id=span.parent_span_id.hex(),
+                            links=tuple((lk.trace_id.hex(), lk.span_id.hex()) for lk in span.links),
+                        )
+                    )
+        self._receiver.add(received)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    """Runs the receiver on a free loopback port and collects every span it is sent."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._spans: list[ReceivedSpan] = []
+        self._lock = threading.Lock()
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> OtlpReceiver:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+
+    def add(self, spans: list[ReceivedSpan]) -> None:
+        with self._lock:
+            self._spans.extend(spans)
+
+    def spans(self, trace_id: str) -> list[ReceivedSpan]:
+        with self._lock:
+            return [s for s in self._spans if s.trace_id == trace_id]
+
+    def wait_for_trace(
+        self, trace_id: str, services: set[str], timeout_s: float = 15.0
+    ) -> list[ReceivedSpan]:
+        """Wait until spans of `trace_id` from every service in `services` have arrived."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            spans = self.spans(trace_id)
+            if services <= {s.service for s in spans} or time.monotonic() > deadline:
+                return spans
+            time.sleep(0.1)
