@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as redis
@@ -12,27 +11,6 @@ from deploy.local.ports import free_port
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.server import open_redis
 from services.billing.ledger import Ledger, Totals, UsageEntry
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(
-        ValkeyConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-billing"))
-    ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def client(valkey: ValkeyServer) -> AsyncIterator[redis.Redis]:
-    client = open_redis(valkey.config.url, 2.0)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def entry(

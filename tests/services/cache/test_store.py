@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
 
-import pytest
 import redis.asyncio as redis
 from shepherd.common.v1 import common_pb2
 
 from deploy.local.ports import LOCALHOST, free_port
-from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.server import open_redis
 from services.cache.store import ResponseStore
 
@@ -27,27 +24,6 @@ COMPLETION = common_pb2.Completion(
         batch_size=4,
     ),
 )
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(
-        ValkeyConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-cache"))
-    ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def client(valkey: ValkeyServer) -> AsyncIterator[redis.Redis]:
-    client = open_redis(valkey.config.url, 2.0)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_put_then_get_round_trips_with_ttl(client: redis.Redis) -> None:

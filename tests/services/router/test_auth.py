@@ -3,38 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
 import redis.asyncio as redis
 
 from deploy.local.ports import free_port
-from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.errors import ShepherdError
 from libs.server import open_redis
 from services.router.auth import KEY_PREFIX, KEYS_HASH, Authenticator, issue_key
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(
-        ValkeyConfig(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-auth"))
-    ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def client(valkey: ValkeyServer) -> AsyncIterator[redis.Redis]:
-    client = open_redis(valkey.config.url, 2.0)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def bearer(key: str) -> list[tuple[str, str]]:
