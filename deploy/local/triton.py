@@ -21,8 +21,10 @@ box. The traps, all handled here in code rather than by hand:
   interpreter's site-packages first on sys.path and then runs the real file from the wheel.
   The stub loads model.py *before* that import, so a model must import
   `triton_python_backend_utils` before numpy (tiny_lm's model.py does).
-* The Python backend names its shared-memory regions by a prefix (plus a UUID); a per-node
-  prefix makes a leaked region in /dev/shm traceable to the node that made it.
+* The Python backend names its shared-memory regions by a prefix (plus a UUID) and leaks
+  them in /dev/shm when the server is stopped while a model is still loading or is killed.
+  Each node uses the prefix `shepherd_<launcher pid>_<grpc port>_`, so stop() can delete its
+  own regions and start() can sweep regions whose launcher process no longer exists.
 
 The server runs in its own process group with PR_SET_PDEATHSIG=SIGKILL, so it dies when the
 thread that started it dies, and `stop()` can reap the stub processes with the group.
@@ -52,6 +54,8 @@ from deploy.local.ports import LOCALHOST, free_ports
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 LOG_TAIL_LINES = 40
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "shepherd_"
 _PR_SET_PDEATHSIG = 1
 
 ModelControlMode = Literal["none", "explicit"]
@@ -220,6 +224,30 @@ def _utils_shim(real_utils: Path) -> str:
     )
 
 
+def _remove_shm(prefix: str) -> None:
+    """Delete shared-memory regions whose names start with prefix; missing ones are fine."""
+    if not SHM_DIR.is_dir():
+        return
+    for region in SHM_DIR.glob(f"{prefix}*"):
+        try:
+            region.unlink()
+        except OSError:
+            pass
+
+
+def sweep_stale_shm() -> None:
+    """Delete Shepherd regions left by launchers that have died.
+
+    A dead launcher implies a dead server (PR_SET_PDEATHSIG), so nothing still maps them.
+    """
+    if not SHM_DIR.is_dir():
+        return
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+        pid = region.name[len(SHM_PREFIX) :].split("_", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _remove_shm(region.name)
+
+
 def process_group_members(pgid: int) -> list[int]:
     """Live (non-zombie) pids in a process group, read from /proc.
 
@@ -261,6 +289,7 @@ class TritonNode:
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._pgid: int | None = None
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{config.grpc_port}_"
 
     # -- launch ---------------------------------------------------------------------------
 
@@ -313,13 +342,12 @@ class TritonNode:
     def build_args(self, install: TritonInstall, backend_dir: Path) -> list[str]:
         """Command line for tritonserver (flags checked against `tritonserver --help`)."""
         cfg = self.config
-        shm_prefix = f"shepherd_{os.getpid()}_{cfg.grpc_port}_"
         args = [
             str(install.server_bin),
             f"--model-repository={cfg.model_repository}",
             f"--backend-directory={backend_dir}",
             f"--cache-directory={install.caches_dir}",
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--model-control-mode={cfg.model_control_mode}",
             "--allow-http=true",
             f"--http-address={cfg.host}",
@@ -352,6 +380,7 @@ class TritonNode:
         cfg = self.config
         install = TritonInstall.discover()
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        sweep_stale_shm()
         backend_dir = self._prepare_backend_dir(install)
         log_path = cfg.resolved_log_file
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -503,6 +532,7 @@ class TritonNode:
                 self._kill_group(pgid)
                 deadline = time.monotonic() + 5.0
             time.sleep(0.05)
+        _remove_shm(self.shm_prefix)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -529,7 +559,7 @@ class TritonNode:
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """Treat SIGTERM like Ctrl-C so the node is stopped through the same cleanup path."""
+    """Turn SIGTERM (and SIGINT, even if inherited as ignored) into Ctrl-C, one cleanup path."""
     raise KeyboardInterrupt
 
 
@@ -565,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
     )
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)  # Even if started with it ignored.
     with TritonNode(config) as node:
         try:
             waited = node.wait_ready(args.ready_timeout)

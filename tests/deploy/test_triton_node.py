@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import InferenceServerException
 
 from deploy.local.triton import (
     DEFAULT_MODEL_REPOSITORY,
@@ -240,6 +241,7 @@ def test_readiness_timeout_error_is_clear(tmp_path: Path) -> None:
             node.wait_ready(timeout_s=0.01)
     finally:
         node.stop()
+    assert not list(Path("/dev/shm").glob(f"{node.shm_prefix}*")), "shm regions must be removed"
     message = str(info.value)
     assert "did not become ready within 0.0s" in message or "within 0.01" in message
     assert f"grpc {config.grpc_url}" in message
@@ -260,6 +262,7 @@ def test_stop_leaves_no_triton_processes(tmp_path: Path) -> None:
         assert set(stubs) <= set(members), "stubs must share the server's process group"
     assert process_group_members(pgid) == []
     assert _pids_with_cmdline_containing(str(tmp_path)) == []
+    assert not list(Path("/dev/shm").glob(f"{node.shm_prefix}*"))
     assert node.stop() is not None  # A second stop is harmless.
 
 
@@ -299,3 +302,16 @@ def test_server_dies_with_its_parent(tmp_path: Path) -> None:
 def test_default_repository_is_the_checked_in_one() -> None:
     assert (DEFAULT_MODEL_REPOSITORY / MODEL / "config.pbtxt").is_file()
     assert (DEFAULT_MODEL_REPOSITORY / MODEL / "1" / "model.py").is_file()
+
+
+@pytest.mark.asyncio
+async def test_wait_ready_async_on_a_ready_node(node: TritonNode) -> None:
+    assert await node.wait_ready_async(timeout_s=10) < 10
+
+
+@pytest.mark.asyncio
+async def test_bad_temperature_fails_only_that_request(node: TritonNode) -> None:
+    url = node.config.grpc_url
+    with pytest.raises(InferenceServerException, match="TEMPERATURE"):
+        await _infer(url, [PROMPTS[0]], max_tokens=4, temperature=-1.0, seed=1)
+    assert (await _infer(url, [PROMPTS[0]], max_tokens=4))[0].completion_tokens > 0
