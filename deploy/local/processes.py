@@ -14,6 +14,7 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from libs.config import REPO_ROOT
 
@@ -31,13 +32,19 @@ def spawn(
     argv: Sequence[str],
     *,
     env: Mapping[str, str],
-    log_path: Path,
+    log_path: Path | None,
     cwd: Path = REPO_ROOT,
     stdout: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a child in its own session with output appended to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    """Start a child in its own session with output appended to `log_path` (None: discarded).
+
+    `stdout=subprocess.PIPE` keeps standard output for the caller, e.g. to read a ready line.
+    """
+    with contextlib.ExitStack() as stack:
+        log: IO[bytes] | int = subprocess.DEVNULL
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(log_path.open("ab"))
         return subprocess.Popen(
             list(argv),
             cwd=cwd,
@@ -46,7 +53,7 @@ def spawn(
             stdout=stdout if stdout is not None else log,
             stderr=log,
             start_new_session=True,
-            preexec_fn=set_parent_death_signal,
+            preexec_fn=set_parent_death_signal,  # Only calls prctl: safe between fork and exec.
         )
 
 

@@ -58,6 +58,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from deploy.local.processes import spawn, stop
+from libs.config import REPO_ROOT
+
 LOG = logging.getLogger("provider_sim")
 
 DEFAULT_MODELS: tuple[str, ...] = (
@@ -732,9 +735,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 class SimProcess:
     """Runs the simulator as a real subprocess (tests, offline demo).
 
@@ -784,14 +784,7 @@ class SimProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
-        stderr: Any = subprocess.DEVNULL
-        if self._log_path is not None:
-            stderr = self._log_path.open("ab")
-        self._proc = subprocess.Popen(
-            self._argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr
-        )
-        if stderr is not subprocess.DEVNULL:
-            stderr.close()
+        self._proc = spawn(self._argv, env=env, log_path=self._log_path, stdout=subprocess.PIPE)
         assert self._proc.stdout is not None
         deadline = time.monotonic() + self._startup_timeout_s
         line = b""
@@ -816,13 +809,7 @@ class SimProcess:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
         self._returncode = proc.returncode

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import importlib.util
 import os
 import signal
@@ -43,20 +42,19 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
 from deploy.local.ports import LOCALHOST, free_ports
+from deploy.local.processes import set_parent_death_signal, tail
+from libs.config import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 LOG_TAIL_LINES = 40
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "shepherd_"
-_PR_SET_PDEATHSIG = 1
 
 ModelControlMode = Literal["none", "explicit"]
 
@@ -172,16 +170,6 @@ class TritonInstall:
         return install
 
 
-def _set_parent_death_signal() -> None:
-    """Child-side hook: ask the kernel to SIGKILL Triton when its parent thread dies.
-
-    Without it a crashed test run leaves a server holding ports and shared memory.
-    """
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
 def _prepend_path(new: list[str], existing: str | None) -> str:
     """Join search paths, new ones first, dropping duplicates and empties."""
     parts = [*new, *(existing.split(os.pathsep) if existing else [])]
@@ -266,15 +254,6 @@ def process_group_members(pgid: int) -> list[int]:
         if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in {"Z", "X"}:
             members.append(int(entry.name))
     return members
-
-
-def tail_file(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """Last lines of a log file, or a note that there is none yet."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class TritonNode:
@@ -385,9 +364,6 @@ class TritonNode:
         log_path = cfg.resolved_log_file
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
-        preexec: Callable[[], None] | None = (
-            _set_parent_death_signal if sys.platform.startswith("linux") else None
-        )
         self._process = subprocess.Popen(
             self.build_args(install, backend_dir),
             env=self.build_env(install),
@@ -395,7 +371,7 @@ class TritonNode:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=preexec,  # Only calls prctl, which is safe between fork and exec.
+            preexec_fn=set_parent_death_signal,  # Only calls prctl: safe between fork and exec.
             start_new_session=True,
         )
         self._pgid = self._process.pid  # New session: pgid == pid.
@@ -439,7 +415,7 @@ class TritonNode:
             "triton_python_backend_utils.py shim in the work dir puts the venv first on sys.path)",
             f"  - the full log: {log_path}",
             f"--- last {LOG_TAIL_LINES} lines of {log_path} ---",
-            tail_file(log_path),
+            tail(log_path, LOG_TAIL_LINES),
         ]
         return TritonStartError("\n".join(lines))
 
