@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from libs.config import ServerConfig, TelemetryConfig
+from libs.config import ConfigError, ServerConfig, TelemetryConfig
 from libs.errors import ErrorInterceptor
 from libs.logs import setup_logging
 from libs.telemetry import client_interceptors, server_interceptors, setup_tracing
@@ -134,6 +135,15 @@ async def run_server(
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.shutdown()  # flushes spans still buffered for the OTLP exporter
+
+
+def main(serve: Callable[[], Awaitable[None]]) -> None:
+    """Run a service's `serve()`; a configuration error ends it with one clear line, exit 2."""
+    try:
+        asyncio.run(serve())
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def outbound_timeout(context: grpc.aio.ServicerContext, cap_s: float) -> float:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 
 from libs.catalog import load_catalog
-from libs.server import Binding, open_redis, run_server, setup_process
+from libs.server import Binding, main, open_redis, run_server, setup_process
 from services.billing.config import BillingConfig
 from services.billing.ledger import Ledger
 from services.billing.servicer import BillingServicer
@@ -27,4 +25,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    main(serve)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
 
-from libs.server import Binding, open_redis, run_server, setup_process
+from libs.server import Binding, main, open_redis, run_server, setup_process
 from services.cache.config import CacheConfig
 from services.cache.servicer import CacheServicer
 from services.cache.store import ResponseStore
@@ -25,4 +23,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    main(serve)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from shepherd.billing.v1 import billing_pb2_grpc
 from shepherd.cache.v1 import cache_pb2_grpc
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from shepherd.scheduler.v1 import scheduler_pb2_grpc
 
 from libs.catalog import load_catalog
-from libs.server import Binding, open_channel, open_redis, run_server, setup_process
+from libs.server import Binding, main, open_channel, open_redis, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.servicer import RouterServicer
@@ -48,4 +46,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    main(serve)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import load_catalog
-from libs.server import Binding, run_server, setup_process
+from libs.server import Binding, main, run_server, setup_process
 from services.scheduler.batcher import Batcher
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatch import Backend, Dispatcher
@@ -67,4 +66,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    main(serve)
