@@ -61,13 +61,16 @@ def invalid_argument(violations: Iterable[tuple[str, str]]) -> ShepherdError:
     )
 
 
+def retry_info(retry_after_s: float) -> error_details_pb2.RetryInfo:
+    """google.rpc.RetryInfo telling the caller how long to wait before trying again."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(retry_after_s * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 def resource_exhausted(message: str, retry_after_s: float | None) -> ShepherdError:
     """RESOURCE_EXHAUSTED with google.rpc.RetryInfo telling the caller when to try again."""
-    details: list[Message] = []
-    if retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(retry_after_s * 1e9))
-        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    details = [retry_info(retry_after_s)] if retry_after_s is not None else []
     return ShepherdError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, details)
 
 

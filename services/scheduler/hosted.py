@@ -38,7 +38,7 @@ from opentelemetry.trace import SpanKind
 from shepherd.common.v1 import common_pb2
 
 from libs.catalog import Deployment
-from libs.errors import ShepherdError, resource_exhausted
+from libs.errors import ShepherdError, retry_info
 from services.scheduler.batcher import PendingRequest
 
 API_KEY_ENV = "SHEPHERD_HOSTED_API_KEY"
@@ -70,19 +70,20 @@ class HostedResult:
     attempts: int
 
 
-class HostedError(Exception):
+class HostedError(ShepherdError):
     """A hosted-API failure already translated to the gRPC status the scheduler should return.
 
-    ``retry_after_s`` is set when the provider told us (or we estimate) when to come back,
-    so the router can propagate back-pressure instead of hammering the provider.
+    ``retry_after_s`` is set when the provider told us (or we estimate) when to come back;
+    it travels to the caller as google.rpc.RetryInfo, so back-pressure propagates instead of
+    callers hammering the provider.
     """
 
     def __init__(
         self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None
     ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(
+            code, message, [retry_info(retry_after_s)] if retry_after_s is not None else []
+        )
         self.retry_after_s = retry_after_s
 
     def __repr__(self) -> str:
@@ -467,9 +468,7 @@ class HostedBackend:
                 deadline=item.deadline,
             )
         except HostedError as error:
-            if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                return resource_exhausted(error.message, error.retry_after_s)
-            return ShepherdError(error.code, error.message)
+            return error
         return common_pb2.Completion(
             text=result.text,
             finish_reason=result.finish_reason,
