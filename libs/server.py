@@ -51,10 +51,13 @@ _CHANNEL_OPTIONS = (
 )
 
 # Clients reconnect every few minutes, so replicas added by an autoscaler behind a Kubernetes
-# Service start receiving traffic from long-lived peer channels too.
+# Service start receiving traffic from long-lived peer channels too. The server accepts the
+# peers' 30 s keepalive pings instead of answering them with GOAWAY (too_many_pings).
 _SERVER_OPTIONS = (
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 30_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
 )
 
 

@@ -106,7 +106,8 @@ class TritonBackend:
     ) -> list[common_pb2.Completion | ShepherdError]:
         """Run the batch on the least busy node, falling over to the next on a dead node."""
         nodes = sorted(self._pools[deployment.pool], key=lambda node: node.inflight)
-        timeout_s = min(self._timeout_s, max(item.deadline for item in batch) - time.monotonic())
+        remaining = max(item.deadline for item in batch) - time.monotonic()
+        timeout_s = max(0.001, min(self._timeout_s, remaining))
         failures = []
         for node in nodes:
             try:
