@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import signal
@@ -233,7 +234,8 @@ def sweep_stale_shm() -> None:
     for region in SHM_DIR.glob(f"{SHM_PREFIX}*"):
         pid = region.name[len(SHM_PREFIX) :].split("_", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _remove_shm(region.name)
+            with contextlib.suppress(OSError):
+                region.unlink()
 
 
 def process_group_members(pgid: int) -> list[int]:

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from libs.config import redis_url
 from libs.errors import ShepherdError
+from libs.server import open_redis
 
 KEYS_HASH = "shepherd:auth:api_keys"
 KEY_PREFIX = "sk-shepherd-"
@@ -88,7 +89,7 @@ class Authenticator:
 
 async def issue_key_at(url: str, tenant: str) -> str:
     """Issue a key through a short-lived connection (operators' CLI and the local launcher)."""
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    client = open_redis(url, 5.0)
     try:
         return await issue_key(client, tenant)
     finally:

@@ -299,11 +299,10 @@ def test_one_request_makes_one_trace_across_all_services(
         chat_request("tiny", f"trace me {uuid.uuid4().hex}"), metadata=auth(key), timeout=TIMEOUT_S
     )
     services = {"shepherd-router", "shepherd-cache", "shepherd-scheduler", "shepherd-billing"}
-    spans = otlp.wait_for_trace(response.trace_id, services)
+    expected_names = {"/shepherd.router.v1.RouterService/Chat", "scheduler.batch", "triton.infer"}
+    spans = otlp.wait_for_trace(response.trace_id, services, expected_names)
     assert services <= {s.service for s in spans}
-    names = {s.name for s in spans}
-    assert "/shepherd.router.v1.RouterService/Chat" in names
-    assert {"scheduler.batch", "triton.infer"} <= names
+    assert expected_names <= {s.name for s in spans}
     # Exactly one root: every other span hangs off a span of the same trace.
     ids = {s.span_id for s in spans}
     roots = [s for s in spans if s.parent_span_id not in ids]

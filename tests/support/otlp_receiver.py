@@ -93,12 +93,17 @@ class OtlpReceiver:
             return [s for s in self._spans if s.trace_id == trace_id]
 
     def wait_for_trace(
-        self, trace_id: str, services: set[str], timeout_s: float = 15.0
+        self, trace_id: str, services: set[str], names: set[str], timeout_s: float = 15.0
     ) -> list[ReceivedSpan]:
-        """Wait until spans of `trace_id` from every service in `services` have arrived."""
+        """Wait until spans of `trace_id` from every service and with every name have arrived.
+
+        Each service exports on its own schedule, and a root span ends (and is exported) after
+        its children, so waiting for the services alone can return before the root is here.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             spans = self.spans(trace_id)
-            if services <= {s.service for s in spans} or time.monotonic() > deadline:
+            complete = services <= {s.service for s in spans} and names <= {s.name for s in spans}
+            if complete or time.monotonic() > deadline:
                 return spans
             time.sleep(0.1)
