@@ -1,14 +1,13 @@
 """Starting and stopping the local processes so none outlives its launcher.
 
 Each child runs in its own session (so a Ctrl-C in the terminal reaches only the launcher,
-which then stops children in order) and asks the kernel to SIGKILL it if the launcher dies
+which then stops children in order) and has the kernel SIGKILL it if the launcher dies
 (PR_SET_PDEATHSIG), so even a crashed test run leaves no server holding ports behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -18,14 +17,17 @@ from typing import IO
 
 from libs.config import REPO_ROOT
 
-_PR_SET_PDEATHSIG = 1
 
+def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """Prefix a command so the kernel SIGKILLs it when the thread that started it exits.
 
-def set_parent_death_signal() -> None:
-    """Child-side hook: SIGKILL this process when the thread that started it exits."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    util-linux's `setpriv --pdeathsig` sets PR_SET_PDEATHSIG and execs the command. Doing it
+    in the exec'd helper rather than in a `preexec_fn` matters: a `preexec_fn` forces a real
+    fork(), whose gRPC fork handlers restart gRPC's poller in the child, and that poller
+    aborts the child (epoll_wait: Bad file descriptor) once close_fds closes its epoll fd.
+    Without a `preexec_fn`, CPython uses vfork(), which runs no fork handlers.
+    """
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
 
 
 def spawn(
@@ -46,14 +48,13 @@ def spawn(
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = stack.enter_context(log_path.open("ab"))
         return subprocess.Popen(
-            list(argv),
+            with_parent_death_signal(argv),
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=stdout if stdout is not None else log,
             stderr=log,
             start_new_session=True,
-            preexec_fn=set_parent_death_signal,  # Only calls prctl: safe between fork and exec.
         )
 
 

@@ -49,7 +49,7 @@ from types import TracebackType
 from typing import IO, Literal
 
 from deploy.local.ports import LOCALHOST, free_ports
-from deploy.local.processes import set_parent_death_signal, tail
+from deploy.local.processes import tail, with_parent_death_signal
 from libs.config import REPO_ROOT
 
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
@@ -367,13 +367,12 @@ class TritonNode:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self._process = subprocess.Popen(
-            self.build_args(install, backend_dir),
+            with_parent_death_signal(self.build_args(install, backend_dir)),
             env=self.build_env(install),
             cwd=cfg.work_dir,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=set_parent_death_signal,  # Only calls prctl: safe between fork and exec.
             start_new_session=True,
         )
         self._pgid = self._process.pid  # New session: pgid == pid.
