@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
-.PHONY: all venv gen run test lint fmt clean
+.PHONY: all venv gen run test bench lint fmt clean
 
 all: gen
 
@@ -39,6 +39,11 @@ run: gen
 # Lint first (cheap, and keeps the contracts buf-clean), then the whole suite against real servers.
 test: gen lint
 	$(BIN)/python -m pytest
+
+# Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
+# node; prints a table and writes .build/bench/batching.json (see docs/BENCHMARKS.md).
+bench: gen
+	$(BIN)/python -m bench.batching
 
 lint: gen
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -59,19 +59,43 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """How a model's queue admits, orders and sheds requests.
+
+    `max_size` bounds the queue so overload is answered at once instead of after a long wait.
+    `aging_s` is how long a request waits before it is ranked one priority class higher, so
+    low-priority work is delayed under load but never starved.
+    """
+
+    max_size: int
+    aging_s: float
+
+
+@dataclass(frozen=True)
 class Deployment:
-    """One place a model can run: a Triton model on a node pool, or a hosted API model."""
+    """One place a model can run: a Triton model on a node pool, or a hosted API model.
+
+    A Triton deployment declares the GPU memory one loaded copy takes (`memory_mb`), so the
+    scheduler can place it on a node with room, and `max_nodes`, how many nodes may hold a
+    copy at once when the model is hot.
+    """
 
     name: str
     kind: DeploymentKind
     backend_model: str
     pool: str = ""
     provider: str = ""
+    memory_mb: int = 0
+    max_nodes: int = 1
 
 
 @dataclass(frozen=True)
 class Model:
-    """One canonical public model."""
+    """One canonical public model.
+
+    `priority` ranks models that compete for the same capacity: 1 is served first (the seed
+    puts gpt-4.1 first and deepseek-v3.2 last).
+    """
 
     name: str
     aliases: tuple[str, ...]
@@ -81,16 +105,55 @@ class Model:
     default_max_tokens: int
     max_output_tokens: int
     batching: Batching
+    queue: QueuePolicy
     cache_ttl_s: int
     deployments: tuple[Deployment, ...]
+
+    @property
+    def self_hosted(self) -> tuple[Deployment, ...]:
+        """The Triton deployments, where data never leaves Shepherd's own nodes."""
+        return tuple(d for d in self.deployments if d.kind == "triton")
+
+    @property
+    def hosted(self) -> tuple[Deployment, ...]:
+        """The hosted API deployments, the spill-over targets when GPUs would be too late."""
+        return tuple(d for d in self.deployments if d.kind == "hosted")
+
+
+ModelControl = Literal["explicit", "none"]
 
 
 @dataclass(frozen=True)
 class Pool:
-    """A set of Triton nodes, as gRPC `host:port` addresses."""
+    """A set of Triton nodes and what Shepherd may assume about each.
+
+    Nodes come from a static list of gRPC `host:port` addresses, or from `dns` (`name:port`),
+    re-resolved periodically so that a Kubernetes headless service works. With
+    `model_control: explicit` Shepherd loads and unloads models itself, fitting them into
+    `gpu_memory_mb` per node; with `none` every node is assumed to serve every model it
+    reports ready. `metrics_port`, when set, lets a node's own nv_gpu_memory_total_bytes
+    metric replace the configured memory.
+    """
 
     name: str
     nodes: tuple[str, ...]
+    dns: str = ""
+    model_control: ModelControl = "explicit"
+    gpu_memory_mb: int = 16_384
+    metrics_port: int = 0
+    max_inflight_batches: int = 2
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Per-tenant policy from the catalog.
+
+    `self_hosted_only` is the seed's data-sovereignty case: this tenant's prompts must never
+    leave self-hosted nodes, so its requests are never spilled to a hosted API.
+    """
+
+    name: str
+    self_hosted_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +173,11 @@ class Catalog:
     aliases: Mapping[str, str]
     pools: Mapping[str, Pool]
     providers: Mapping[str, Provider]
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+
+    def tenant(self, name: str) -> Tenant:
+        """The policy of a tenant; tenants the catalog does not name get the defaults."""
+        return self.tenants.get(name) or Tenant(name=name)
 
     def resolve(self, name: str) -> Model:
         """Return the model a public name or alias refers to, or NOT_FOUND with suggestions."""
@@ -149,6 +217,18 @@ def _require(mapping: Mapping[str, Any], key: str, where: str) -> Any:
     return mapping[key]
 
 
+def _positive(mapping: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = int(mapping.get(key, default))
+    if value < 1:
+        raise ConfigError(f"{where}.{key}: must be at least 1, not {value}")
+    return value
+
+
+def _has_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit()
+
+
 def _env_name(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).upper()
 
@@ -163,15 +243,37 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
     env = os.environ if env is None else env
     pools: dict[str, Pool] = {}
     for name, spec in (data.get("pools") or {}).items():
+        spec = spec or {}
+        where = f"pools.{name}"
         override = env.get(f"SHEPHERD_POOL_{_env_name(name)}_NODES", "")
-        nodes = (
-            [n.strip() for n in override.split(",") if n.strip()]
-            if override
-            else list(_require(spec or {}, "nodes", f"pools.{name}"))
+        dns = env.get(f"SHEPHERD_POOL_{_env_name(name)}_DNS", "") or str(spec.get("dns", ""))
+        if override:
+            nodes = [n.strip() for n in override.split(",") if n.strip()]
+            dns = ""
+        else:
+            nodes = [str(n) for n in spec.get("nodes") or ()]
+        if not nodes and not dns:
+            raise ConfigError(f"{where}: give `nodes` (host:port addresses) or `dns` (name:port)")
+        if dns and not _has_port(dns):
+            raise ConfigError(f"{where}.dns: {dns!r} must be name:port, e.g. triton.ns.svc:8001")
+        control = str(spec.get("model_control", "explicit"))
+        if control not in ("explicit", "none"):
+            raise ConfigError(f"{where}.model_control: 'explicit' or 'none', not {control!r}")
+        pools[name] = Pool(
+            name=name,
+            nodes=tuple(nodes),
+            dns=dns,
+            model_control=control,  # type: ignore[arg-type]
+            gpu_memory_mb=_positive(spec, "gpu_memory_mb", 16_384, where),
+            metrics_port=int(spec.get("metrics_port", 0)),
+            max_inflight_batches=_positive(spec, "max_inflight_batches", 2, where),
         )
-        if not nodes:
-            raise ConfigError(f"pools.{name}: at least one node address is required")
-        pools[name] = Pool(name=name, nodes=tuple(nodes))
+    tenants = {
+        str(name): Tenant(
+            name=str(name), self_hosted_only=bool((spec or {}).get("self_hosted_only"))
+        )
+        for name, spec in (data.get("tenants") or {}).items()
+    }
     providers: dict[str, Provider] = {}
     for name, spec in (data.get("providers") or {}).items():
         where = f"providers.{name}"
@@ -206,7 +308,14 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     kind="triton",
                     backend_model=backend_model,
                     pool=pool,
+                    memory_mb=int(dep.get("memory_mb", 0)),
+                    max_nodes=_positive(dep, "max_nodes", 1, dep_where),
                 )
+                if not 0 <= deployment.memory_mb <= pools[pool].gpu_memory_mb:
+                    raise ConfigError(
+                        f"{dep_where}.memory_mb: {deployment.memory_mb} must fit in the "
+                        f"{pools[pool].gpu_memory_mb} MB of one node of pool {pool!r}"
+                    )
             elif kind == "hosted":
                 provider = str(_require(dep, "provider", dep_where))
                 if provider not in providers:
@@ -223,15 +332,37 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             deployments.append(deployment)
         if not deployments:
             raise ConfigError(f"{where}: at least one deployment is required")
+        triton_at = [i for i, d in enumerate(deployments) if d.kind == "triton"]
+        if triton_at not in ([], [0]):
+            raise ConfigError(
+                f"{where}.deployments: a model may have one Triton deployment and it must come "
+                "first; hosted deployments after it are its spill-over and fallback targets "
+                "(put more nodes in the pool to add capacity)"
+            )
         batching = Batching(
             max_batch_size=int(batching_spec.get("max_batch_size", 8)),
             max_queue_delay_ms=float(batching_spec.get("max_queue_delay_ms", 50)),
             preferred_batch_sizes=tuple(
-                int(s) for s in batching_spec.get("preferred_batch_sizes", ())
+                sorted({int(s) for s in batching_spec.get("preferred_batch_sizes", ())})
             ),
         )
         if batching.max_batch_size < 1 or batching.max_queue_delay_ms < 0:
             raise ConfigError(f"{where}.batching: max_batch_size >= 1 and max_queue_delay_ms >= 0")
+        bad_sizes = [
+            s for s in batching.preferred_batch_sizes if not 1 <= s <= batching.max_batch_size
+        ]
+        if bad_sizes:
+            raise ConfigError(
+                f"{where}.batching.preferred_batch_sizes: {bad_sizes} must lie between 1 and "
+                f"max_batch_size ({batching.max_batch_size})"
+            )
+        queue_spec = {**(defaults.get("queue") or {}), **(spec.get("queue") or {})}
+        queue = QueuePolicy(
+            max_size=_positive(queue_spec, "max_size", 1024, f"{where}.queue"),
+            aging_s=float(queue_spec.get("aging_s", 2.0)),
+        )
+        if queue.aging_s <= 0:
+            raise ConfigError(f"{where}.queue.aging_s: must be above 0 seconds")
         model = Model(
             name=name,
             aliases=tuple(str(a) for a in merged.get("aliases", ())),
@@ -250,6 +381,7 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             default_max_tokens=int(merged.get("default_max_tokens", 256)),
             max_output_tokens=int(merged.get("max_output_tokens", 4096)),
             batching=batching,
+            queue=queue,
             cache_ttl_s=int(merged.get("cache_ttl_s", 3600)),
             deployments=tuple(deployments),
         )
@@ -261,7 +393,9 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     f"{where}: name or alias {key!r} is already used by {aliases[key]!r}"
                 )
             aliases[key] = name
-    return Catalog(models=models, aliases=aliases, pools=pools, providers=providers)
+    return Catalog(
+        models=models, aliases=aliases, pools=pools, providers=providers, tenants=tenants
+    )
 
 
 def load_catalog(path: Path, env: Mapping[str, str] | None = None) -> Catalog:

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from libs.config import ConfigError, ServerConfig, TelemetryConfig
 from libs.errors import ErrorInterceptor
 from libs.logs import setup_logging
-from libs.telemetry import client_interceptors, server_interceptors, setup_tracing
+from libs.telemetry import client_interceptors, server_interceptors, setup_metrics, setup_tracing
 
 _log = logging.getLogger(__name__)
 
@@ -62,9 +62,10 @@ _SERVER_OPTIONS = (
 
 
 def setup_process(telemetry: TelemetryConfig) -> None:
-    """Set up logging and tracing before anything else is created."""
+    """Set up logging, tracing and metrics before anything else is created."""
     setup_logging(telemetry.service_name, telemetry.log_level)
     setup_tracing(telemetry)
+    setup_metrics(telemetry)
 
 
 def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.Redis:

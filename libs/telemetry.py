@@ -1,7 +1,9 @@
-"""OpenTelemetry tracing, set up once per process.
+"""OpenTelemetry tracing and metrics, set up once per process.
 
-Spans are exported over OTLP/gRPC (which Jaeger ingests natively) when
-OTEL_EXPORTER_OTLP_ENDPOINT is set. W3C trace context travels in gRPC metadata through the
+Spans and metrics are exported over OTLP/gRPC (Jaeger ingests the spans natively; an
+OpenTelemetry Collector or Prometheus' OTLP receiver takes the metrics) when
+OTEL_EXPORTER_OTLP_ENDPOINT is set; OTEL_METRIC_EXPORT_INTERVAL (ms) sets how often metrics
+go. W3C trace context travels in gRPC metadata through the
 OpenTelemetry gRPC interceptors installed on every server and client channel, so one request
 makes one trace across all services.
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.instrumentation.grpc import filters as grpc_filters
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -38,6 +42,21 @@ def setup_tracing(config: TelemetryConfig) -> TracerProvider:
         exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    return provider
+
+
+def setup_metrics(config: TelemetryConfig) -> MeterProvider:
+    """Install the global meter provider; export metrics only when an OTLP endpoint is set."""
+    readers = []
+    if config.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
+        readers.append(PeriodicExportingMetricReader(exporter))
+    provider = MeterProvider(
+        resource=Resource.create({"service.name": config.service_name}), metric_readers=readers
+    )
+    metrics.set_meter_provider(provider)
     return provider
 
 

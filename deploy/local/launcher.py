@@ -131,6 +131,10 @@ class LocalMesh:
             TritonNodeConfig.with_free_ports(
                 work_dir=self.config.run_dir / "triton",
                 log_file=self.log_dir / "triton.log",
+                # The scheduler owns placement (explicit mode); the model it serves by default
+                # is loaded up front so the first request does not wait for a load.
+                model_control_mode="explicit",
+                load_models=("tiny_lm",),
             )
         ).start()
         if not self.config.hosted_api_key:
@@ -211,7 +215,8 @@ def banner(mesh: LocalMesh) -> str:
         "Shepherd is up.",
         "",
         *(f"  {name:<10} {mesh.address(name)}" for name in reversed(SERVICES)),
-        f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, model tiny_lm on CPU)",
+        f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, explicit model control, "
+        "tiny_lm on CPU)",
         f"  {'hosted':<10} {hosted}",
         f"  {'redis':<10} {mesh.redis_url}",
         f"  {'logs':<10} {mesh.log_dir}",
@@ -227,6 +232,10 @@ def banner(mesh: LocalMesh) -> str:
         "Billing totals for the tenant:",
         f'  {grpcurl} -plaintext -d \'{{"tenant": "{DEV_TENANT}"}}\' \\',
         f"    {mesh.address('billing')} shepherd.billing.v1.BillingService/GetTenantUsage",
+        "",
+        "The scheduler's queues, batches, Triton nodes and model placement:",
+        f"  {grpcurl} -plaintext -d '{{}}' \\",
+        f"    {mesh.address('scheduler')} shepherd.scheduler.v1.SchedulerService/GetStats",
         "",
         "Press Ctrl-C to stop everything.",
     ]

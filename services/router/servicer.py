@@ -154,6 +154,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     messages=request.messages,
                     params=params,
                     priority=request.priority,
+                    self_hosted_only=request.self_hosted_only,
                 ),
                 timeout=outbound_timeout(context, self._config.default_timeout_s),
             )

@@ -7,14 +7,18 @@ import os
 
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from libs.catalog import load_catalog
+from libs.catalog import Pool, load_catalog
 from libs.server import Binding, main, run_server, setup_process
+from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.dispatch import Backend, Dispatcher
+from services.scheduler.dispatch import Dispatcher
 from services.scheduler.hosted import HostedBackend, HostedClient, HostedConfig
+from services.scheduler.nodes import pools_for
+from services.scheduler.placement import Placer
+from services.scheduler.queue import ModelQueue
 from services.scheduler.servicer import SchedulerServicer
-from services.scheduler.triton import TritonBackend
+from services.scheduler.stats import ModelStats, observe_queue_depth
 
 _log = logging.getLogger("services.scheduler")
 
@@ -23,11 +27,7 @@ async def serve() -> None:
     config = SchedulerConfig.from_env()
     setup_process(config.telemetry)
     catalog = load_catalog(config.catalog)
-    backends: dict[str, Backend] = {
-        "triton": TritonBackend.connect(
-            {name: pool.nodes for name, pool in catalog.pools.items()}, config.triton_timeout_s
-        ),
-    }
+
     hosted_clients = {}
     for provider in catalog.providers.values():
         api_key = os.environ.get(provider.api_key_env, "")
@@ -44,25 +44,63 @@ async def serve() -> None:
                 max_retries=config.hosted_max_retries,
             )
         )
-    backends["hosted"] = HostedBackend(hosted_clients)
-    dispatcher = Dispatcher(backends)
+
+    placers: list[Placer] = []
+
+    def placer_for(pool: Pool) -> Placer | None:
+        if pool.model_control != "explicit":
+            return None
+        placer = Placer(config.placement)
+        placers.append(placer)
+        return placer
+
+    pools = pools_for(
+        catalog.pools,
+        (d for model in catalog.models.values() for d in model.deployments),
+        config.health,
+        placer_for,
+    )
+    stats = {name: ModelStats(name) for name in catalog.models}
+    dispatcher = Dispatcher(
+        pools, HostedBackend(hosted_clients), stats, config.hosted_inflight_batches
+    )
     batchers = {
-        name: Batcher(model, dispatcher.run_batch, config.max_inflight_batches)
+        name: Batcher(
+            model,
+            ModelQueue(name, model.queue, on_outcome=stats[name].outcome),
+            dispatcher,
+            stats[name],
+        )
         for name, model in catalog.models.items()
     }
+    observe_queue_depth(lambda: [(name, b.queue.depth) for name, b in batchers.items()])
+    for pool in pools.values():
+        await pool.start()
     for batcher in batchers.values():
         batcher.start()
 
-    async def close_batchers() -> None:
+    async def close_scheduling() -> None:
         for batcher in batchers.values():
             await batcher.close()
+        for placer in placers:
+            await placer.close()
+        for pool in pools.values():
+            await pool.close()
+        await dispatcher.close()
 
     binding = Binding(
         add=scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
-        servicer=SchedulerServicer(catalog, batchers, config.default_timeout_s),
+        servicer=SchedulerServicer(
+            catalog,
+            Admission(catalog, batchers, dispatcher),
+            batchers,
+            pools,
+            placers,
+            config.default_timeout_s,
+        ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )
-    await run_server(config.server, [binding], cleanups=[close_batchers, dispatcher.close])
+    await run_server(config.server, [binding], cleanups=[close_scheduling])
 
 
 if __name__ == "__main__":

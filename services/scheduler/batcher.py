@@ -1,11 +1,15 @@
-"""Per-model queues that form batches by size or by a max-delay timer.
+"""Turning one model's queue into batches, with Triton's dynamic batching semantics.
 
-The seed's batcher only flushes when a batch is full, so a lone request waits forever. Here a
-batch leaves the queue as soon as it reaches the model's max batch size, or when its oldest
-request has waited the model's max queue delay, whichever comes first. Requests whose caller
-gave up (cancelled) or whose deadline has passed are dropped at batch formation and never
-reach a backend. Several batches of one model may be in flight at once, up to a bound, so a
-slow batch does not stall the queue behind it.
+A batch is due when the queue holds the model's max batch size, or any of its preferred batch
+sizes, or when the oldest request has waited the max queue delay (the seed's batcher only
+flushed when full, so a lone request waited forever). A due batch first waits for capacity: a
+slot on a Triton node (granted by priority across models, see nodes.py) or on the hosted API.
+Only then are requests taken off the queue, so the batch is as large as the queue allows at
+that moment: the largest preferred size that can be formed, or everything up to the max batch
+size once the oldest request has waited the max delay. Backlog therefore stays in the queue,
+where it is ordered, shed or spilled, instead of in a backend's FIFO.
+
+Several batches of one model can be in flight at once, as many as capacity grants.
 """
 
 from __future__ import annotations
@@ -13,138 +17,172 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Protocol
 
 import grpc
-from opentelemetry.trace import SpanContext
-from shepherd.common.v1 import common_pb2
 
 from libs.catalog import Model
 from libs.errors import ShepherdError
+from services.scheduler.queue import ModelQueue, PendingRequest
+from services.scheduler.stats import ModelStats
 
 _log = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class PendingRequest:
-    """One queued request and the future its RPC handler awaits."""
-
-    request_id: str
-    tenant: str
-    messages: tuple[tuple[str, str], ...]
-    params: common_pb2.GenerationParams
-    deadline: float
-    future: asyncio.Future[common_pb2.Completion]
-    span_context: SpanContext
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-    def settle(self, result: common_pb2.Completion | ShepherdError) -> None:
-        """Answer the waiting RPC once; later answers (e.g. after a retry) are ignored."""
-        if self.future.done():
-            return
-        if isinstance(result, ShepherdError):
-            self.future.set_exception(result)
-        else:
-            self.future.set_result(result)
+WaiterKey = tuple[float, int]
 
 
-RunBatch = Callable[[Model, list[PendingRequest]], Awaitable[None]]
+class Slot(Protocol):
+    """Capacity for one batch; released exactly once by whoever runs the batch."""
+
+    def release(self, *, latency_s: float | None = None, failure: str = "") -> None: ...
+
+
+class BatchRunner(Protocol):
+    """What the batcher needs from the dispatcher."""
+
+    async def acquire(self, model: Model, key: Callable[[], WaiterKey]) -> Slot: ...
+
+    async def run(
+        self,
+        model: Model,
+        slot: Slot | None,
+        batch: list[PendingRequest],
+        error: ShepherdError | None = None,
+    ) -> None: ...
+
+    def parallelism(self, model: Model) -> int: ...
 
 
 class Batcher:
     """The queue of one model and the task that turns it into batches."""
 
-    def __init__(self, model: Model, run_batch: RunBatch, max_inflight_batches: int) -> None:
-        self._model = model
-        self._run_batch = run_batch
+    def __init__(
+        self, model: Model, queue: ModelQueue, runner: BatchRunner, stats: ModelStats
+    ) -> None:
+        self.model = model
+        self.queue = queue
+        self.stats = stats
+        self._runner = runner
         self._max_size = model.batching.max_batch_size
         self._max_delay_s = model.batching.max_queue_delay_ms / 1000.0
-        self._queue: deque[PendingRequest] = deque()
+        self._preferred = model.batching.preferred_batch_sizes
+        # The smallest queue that makes a batch due at once, without the timer.
+        self._due_size = min((*self._preferred, self._max_size))
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_inflight_batches)
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def depth(self) -> int:
-        """How many requests are waiting in the queue."""
-        return len(self._queue)
+    def inflight_batches(self) -> int:
+        return len(self._inflight)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"batcher:{self._model.name}")
+        self._task = asyncio.create_task(self._loop(), name=f"batcher:{self.model.name}")
 
     async def close(self) -> None:
-        """Stop forming batches and fail whatever is still queued."""
+        """Stop forming batches, fail whatever is still queued, let running batches finish."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while self._queue:
-            self._queue.popleft().settle(
-                ShepherdError(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
-            )
+        self.queue.drain(
+            ShepherdError(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
+        )
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
-    def submit(self, item: PendingRequest) -> None:
-        """Queue a request; the loop is woken when it may now form a batch."""
-        self._queue.append(item)
-        if len(self._queue) == 1 or len(self._queue) >= self._max_size:
-            self._wake.set()
+    def key(self) -> WaiterKey:
+        """This model's place in line for capacity: best aged request class, then model rank."""
+        rank = self.queue.effective_rank()
+        return (math.inf if rank is None else rank, self.model.priority)
 
-    def _take_batch(self) -> list[PendingRequest]:
-        now = time.monotonic()
-        batch: list[PendingRequest] = []
-        while self._queue and len(batch) < self._max_size:
-            item = self._queue.popleft()
-            if item.future.done():  # cancelled by its caller: its slot goes to the next one
-                continue
-            if item.deadline <= now:
-                item.settle(
-                    ShepherdError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        "the request's deadline passed while it was queued; it was not run",
-                    )
-                )
-                continue
-            batch.append(item)
-        return batch
+    def estimated_wait_s(self, rank: int) -> float:
+        """How long a newcomer of class `rank` would wait before its batch runs.
+
+        Batches ahead of it (queued requests of its class or better, plus batches already
+        running, counted as half done) times the recent batch latency, divided by the batch
+        slots serving the model; plus the max delay when it could not fill a batch. Zero until
+        the first batch has been timed, so a cold model admits work rather than guessing.
+        """
+        batch_s = self.stats.dispatch_ema_s
+        if batch_s == 0:
+            return 0.0
+        ahead = self.queue.ahead_of(rank) + 1
+        batches = math.ceil(ahead / self._max_size) + 0.5 * self.inflight_batches
+        wait = batches * batch_s / max(1, self._runner.parallelism(self.model))
+        if ahead < self._due_size:
+            wait += self._max_delay_s
+        return wait
+
+    def submit(self, item: PendingRequest, retry_after_s: float) -> None:
+        """Queue a request (or refuse it, see ModelQueue.admit) and wake the loop."""
+        self.queue.admit(item, retry_after_s)
+        self._wake.set()
+
+    def _due_in(self, now: float) -> float:
+        """Seconds until a batch is due; 0 when due now, inf when the queue is empty."""
+        depth = self.queue.depth
+        if depth == 0:
+            return math.inf
+        if depth >= self._due_size:
+            return 0.0
+        oldest = self.queue.oldest_enqueued_at()
+        return 0.0 if oldest is None else max(0.0, oldest + self._max_delay_s - now)
+
+    def _batch_size(self, now: float) -> int:
+        """Triton's rule: a full batch, else all after the max delay, else the largest preferred."""
+        depth = self.queue.depth
+        if depth >= self._max_size:
+            return self._max_size
+        oldest = self.queue.oldest_enqueued_at()
+        if oldest is not None and now - oldest >= self._max_delay_s:
+            return depth
+        fitting = [size for size in self._preferred if size <= depth]
+        return max(fitting) if fitting else depth
 
     async def _loop(self) -> None:
         while True:
-            if not self._queue:
+            wait_s = self._due_in(time.monotonic())
+            if wait_s > 0:
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), None if math.isinf(wait_s) else wait_s
+                    )
                 continue
-            if len(self._queue) < self._max_size:
-                wait_s = self._queue[0].enqueued_at + self._max_delay_s - time.monotonic()
-                if wait_s > 0:
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait_s)
-                    continue
-            # Wait for a free slot before taking requests off the queue, so a batch is never
-            # held outside the queue where close() could not find it.
-            await self._slots.acquire()
-            batch = self._take_batch()
+            slot: Slot | None = None
+            error: ShepherdError | None = None
+            try:
+                slot = await self._runner.acquire(self.model, self.key)
+            except ShepherdError as refused:
+                error = refused  # no backend can take it: the runner falls back or fails it
+            now = time.monotonic()
+            batch = self.queue.take(self._batch_size(now) if error is None else self._max_size)
             if not batch:
-                self._slots.release()
+                if slot is not None:
+                    slot.release()
                 continue
-            task = asyncio.create_task(self._dispatch(batch))
+            self.stats.batch(len(batch), [(now - item.enqueued_at) * 1000 for item in batch])
+            task = asyncio.create_task(self._dispatch(slot, batch, error))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _dispatch(self, batch: list[PendingRequest]) -> None:
+    async def _dispatch(
+        self, slot: Slot | None, batch: list[PendingRequest], error: ShepherdError | None
+    ) -> None:
         try:
-            await self._run_batch(self._model, batch)
+            await self._runner.run(self.model, slot, batch, error)
         except Exception:
-            _log.exception("batch failed", extra={"model": self._model.name})
+            _log.exception("batch failed", extra={"model": self.model.name})
+            if slot is not None:
+                slot.release()
             for item in batch:
                 item.settle(
                     ShepherdError(grpc.StatusCode.INTERNAL, "the batch failed unexpectedly")
                 )
-        finally:
-            self._slots.release()
+
+
+__all__ = ["BatchRunner", "Batcher", "PendingRequest", "Slot", "WaiterKey"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.config import ServerConfig, TelemetryConfig, catalog_path, env_float, env_int
+from services.scheduler.nodes import HealthConfig
+from services.scheduler.placement import PlacementConfig
 
 
 @dataclass(frozen=True)
@@ -16,11 +18,12 @@ class SchedulerConfig:
     server: ServerConfig
     telemetry: TelemetryConfig
     catalog: Path
-    triton_timeout_s: float
     hosted_timeout_s: float
     hosted_max_retries: int
     default_timeout_s: float
-    max_inflight_batches: int
+    hosted_inflight_batches: int
+    health: HealthConfig
+    placement: PlacementConfig
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerConfig:
@@ -28,14 +31,31 @@ class SchedulerConfig:
             server=ServerConfig.from_env("scheduler", env),
             telemetry=TelemetryConfig.from_env("scheduler", env),
             catalog=catalog_path(env),
-            triton_timeout_s=env_float("SHEPHERD_TRITON_TIMEOUT_S", 30.0, minimum=0.01, env=env),
             hosted_timeout_s=env_float("SHEPHERD_HOSTED_TIMEOUT_S", 60.0, minimum=0.01, env=env),
             hosted_max_retries=env_int("SHEPHERD_HOSTED_MAX_RETRIES", 3, minimum=0, env=env),
             # Applies when the caller set no gRPC deadline, so nothing waits forever.
             default_timeout_s=env_float(
                 "SHEPHERD_SCHEDULER_DEFAULT_TIMEOUT_S", 120.0, minimum=0.01, env=env
             ),
-            max_inflight_batches=env_int(
-                "SHEPHERD_SCHEDULER_MAX_INFLIGHT_BATCHES", 4, minimum=1, env=env
+            # Concurrent batches per hosted-only model (Triton capacity is per node, in the
+            # catalog's pools).
+            hosted_inflight_batches=env_int(
+                "SHEPHERD_SCHEDULER_HOSTED_INFLIGHT_BATCHES", 8, minimum=1, env=env
+            ),
+            health=HealthConfig(
+                poll_interval_s=env_float(
+                    "SHEPHERD_SCHEDULER_HEALTH_INTERVAL_S", 0.5, minimum=0.01, env=env
+                ),
+                failure_threshold=env_int(
+                    "SHEPHERD_SCHEDULER_BREAKER_FAILURES", 2, minimum=1, env=env
+                ),
+                open_cooldown_s=env_float(
+                    "SHEPHERD_SCHEDULER_BREAKER_COOLDOWN_S", 1.0, minimum=0.01, env=env
+                ),
+            ),
+            placement=PlacementConfig(
+                load_timeout_s=env_float(
+                    "SHEPHERD_SCHEDULER_LOAD_TIMEOUT_S", 120.0, minimum=0.1, env=env
+                ),
             ),
         )

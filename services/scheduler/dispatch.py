@@ -1,16 +1,31 @@
-"""Running a formed batch: pick the deployment, call the backend, fan results back.
+"""Running a formed batch: where it runs, one retry on another node, fallback and spill-over.
 
-A model lists its deployments in order of preference. A batch goes to the first; when that
-deployment is unavailable as a whole (every Triton node down, the hosted API unreachable or
-refusing Shepherd's key), the same batch goes to the next, and only when all have failed is
-each request answered UNAVAILABLE with what was tried. One span per batch is parented to the
-oldest request's trace and linked to every request span it serves.
+A model's first deployment decides where its queue drains: a Triton pool (capacity granted
+per node by nodes.py) or a hosted API (a bounded number of concurrent batches per model).
+
+A Triton batch that fails because its node is unavailable is retried once on another node of
+the pool; the failed node's circuit breaker hears about it. If the retry fails too, or no node
+can take the batch, its requests go to the model's hosted deployments, in catalog order,
+except requests that must stay on self-hosted nodes (tenant policy or the request's own
+flag), which are answered UNAVAILABLE with what was tried. A request whose caller gave up or
+whose deadline passed is dropped before every attempt, so it never reaches a backend. Each
+request is answered once (PendingRequest.settle ignores later answers), so a retry can never
+produce a second answer or a second bill.
+
+Spill-over: when admission finds that a self-hosted model's queue would make a request miss
+its deadline, the request goes straight to the hosted deployment instead (if it may leave),
+and its Placement says so.
+
+One span per batch is parented to the oldest request's trace and linked to every request span
+it serves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -19,61 +34,260 @@ from shepherd.common.v1 import common_pb2
 
 from libs.catalog import Deployment, Model
 from libs.errors import ShepherdError
-from services.scheduler.batcher import PendingRequest
+from services.scheduler.batcher import Slot, WaiterKey
+from services.scheduler.hosted import HostedBackend
+from services.scheduler.nodes import Lease, NodePool
+from services.scheduler.queue import PendingRequest
+from services.scheduler.stats import ModelStats
+from services.scheduler.triton import NodeUnavailable, infer
 
 _tracer = trace.get_tracer(__name__)
 
+_EXPIRED = "the request's deadline passed before it could be dispatched; it was not run"
 
-class Backend(Protocol):
-    """A kind of backend that runs a batch on one deployment."""
 
-    async def run(
-        self, deployment: Deployment, batch: Sequence[PendingRequest]
-    ) -> list[common_pb2.Completion | ShepherdError]: ...
+class HostedSlot:
+    """One of a hosted-only model's concurrent batch slots."""
 
-    async def close(self) -> None: ...
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._released = False
+
+    def release(self, *, latency_s: float | None = None, failure: str = "") -> None:
+        if not self._released:
+            self._released = True
+            self._semaphore.release()
+
+
+def _first_key() -> WaiterKey:
+    """A retry already waited its turn once: it goes ahead of everything queued."""
+    return (-math.inf, 0)
 
 
 class Dispatcher:
-    """Sends batches to backends by deployment kind, with fallback between deployments."""
+    """Sends batches to Triton pools or hosted APIs, with retry, fallback and spill-over."""
 
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
-        self._backends = backends
+    def __init__(
+        self,
+        pools: Mapping[str, NodePool],
+        hosted: HostedBackend,
+        stats: Mapping[str, ModelStats],
+        hosted_inflight_batches: int,
+    ) -> None:
+        self._pools = pools
+        self._hosted = hosted
+        self._stats = stats
+        self._hosted_slots: dict[str, asyncio.Semaphore] = {}
+        self._hosted_inflight = hosted_inflight_batches
 
-    async def run_batch(self, model: Model, batch: list[PendingRequest]) -> None:
+    # -- capacity ---------------------------------------------------------------------------
+
+    async def acquire(self, model: Model, key: Callable[[], WaiterKey]) -> Slot:
+        """Wait for capacity for one batch of `model` on its primary deployment."""
+        primary = model.deployments[0]
+        if primary.kind == "triton":
+            return await self._pools[primary.pool].acquire(primary, key)
+        semaphore = self._hosted_slots.setdefault(
+            model.name, asyncio.Semaphore(self._hosted_inflight)
+        )
+        await semaphore.acquire()
+        return HostedSlot(semaphore)
+
+    def parallelism(self, model: Model) -> int:
+        primary = model.deployments[0]
+        if primary.kind == "triton":
+            return self._pools[primary.pool].capacity(primary)
+        return self._hosted_inflight
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        model: Model,
+        slot: Slot | None,
+        batch: list[PendingRequest],
+        error: ShepherdError | None = None,
+    ) -> None:
         parent = trace.set_span_in_context(NonRecordingSpan(batch[0].span_context))
         links = [Link(item.span_context) for item in batch]
         with _tracer.start_as_current_span("scheduler.batch", context=parent, links=links) as span:
             span.set_attribute("shepherd.model", model.name)
             span.set_attribute("shepherd.batch.size", len(batch))
-            failures = []
-            for deployment in model.deployments:
-                backend = self._backends.get(deployment.kind)
-                if backend is None:
-                    failures.append(f"{deployment.name}: no {deployment.kind} backend configured")
-                    continue
+            failures = [error.message] if error is not None else []
+            pending = batch
+            if isinstance(slot, Lease):
+                pending = await self._run_triton(model, slot, batch, failures, span)
+                fallbacks = model.hosted
+            elif slot is not None:
                 try:
-                    outcomes = await backend.run(deployment, batch)
-                except ShepherdError as error:
-                    if error.code != grpc.StatusCode.UNAVAILABLE:
-                        for item in batch:
-                            item.settle(error)
-                        return
-                    failures.append(f"{deployment.name}: {error.message}")
-                    span.add_event("deployment.unavailable", {"deployment": deployment.name})
-                    continue
-                span.set_attribute("shepherd.deployment", deployment.name)
-                for item, outcome in zip(batch, outcomes, strict=True):
-                    item.settle(outcome)
+                    pending = await self._run_hosted(model, model.hosted, batch, failures, span)
+                finally:
+                    slot.release()
+                fallbacks = ()
+            else:
+                fallbacks = (
+                    model.hosted if model.deployments[0].kind == "triton" else model.deployments
+                )
+            if not pending:
                 return
-            error = ShepherdError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"no healthy backend for model {model.name}: " + " | ".join(failures),
+            leaving = [item for item in pending if not item.self_hosted_only]
+            staying = [item for item in pending if item.self_hosted_only]
+            if leaving and fallbacks:
+                span.add_event("fallback.hosted", {"requests": len(leaving)})
+                leaving = await self._run_hosted(model, fallbacks, leaving, failures, span)
+            unanswered = leaving + staying
+            if not unanswered:
+                return
+            message = f"no healthy backend for model {model.name}: " + " | ".join(failures)
+            span.set_status(trace.StatusCode.ERROR, message)
+            for item in unanswered:
+                detail = (
+                    " (this request must stay on self-hosted nodes, so no hosted API was tried)"
+                    if item.self_hosted_only and model.hosted
+                    else ""
+                )
+                item.settle(ShepherdError(grpc.StatusCode.UNAVAILABLE, message + detail))
+
+    async def spill(self, model: Model, item: PendingRequest, reason: str) -> None:
+        """Send one request straight to the hosted deployments (admission chose spill-over)."""
+        self._stats[model.name].outcome("spilled_over")
+        with _tracer.start_as_current_span("scheduler.spill_over") as span:
+            span.set_attribute("shepherd.model", model.name)
+            span.set_attribute("shepherd.spill_over.reason", reason)
+            failures: list[str] = []
+            unanswered = await self._run_hosted(
+                model, model.hosted, [item], failures, span, spilled=True
             )
-            span.set_status(trace.StatusCode.ERROR, error.message)
-            for item in batch:
-                item.settle(error)
+            if unanswered:
+                item.settle(
+                    ShepherdError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"{reason}, and the hosted spill-over failed: " + " | ".join(failures),
+                    )
+                )
+
+    def _live(self, batch: Sequence[PendingRequest]) -> list[PendingRequest]:
+        """Drop requests whose caller gave up or whose deadline passed, answering the latter."""
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():
+                continue
+            if item.deadline <= now:
+                item.settle(ShepherdError(grpc.StatusCode.DEADLINE_EXCEEDED, _EXPIRED))
+                continue
+            live.append(item)
+        return live
+
+    async def _run_triton(
+        self,
+        model: Model,
+        lease: Lease,
+        batch: list[PendingRequest],
+        failures: list[str],
+        span: trace.Span,
+    ) -> list[PendingRequest]:
+        """Run on the leased node, retrying once elsewhere; returns requests still unanswered."""
+        deployment = lease.deployment
+        pool = self._pools[deployment.pool]
+        tried: set[str] = set()
+        for attempt in (1, 2):
+            live = self._live(batch)
+            if not live:
+                lease.release()
+                return []
+            tried.add(lease.address)
+            started = time.monotonic()
+            timeout_s = max(item.deadline for item in live) - started
+            try:
+                outcomes = await infer(
+                    lease.node.client, lease.address, deployment, live, timeout_s
+                )
+            except NodeUnavailable as error:
+                lease.release(failure=error.message)
+                failures.append(error.message)
+                span.add_event("node.unavailable", {"node": lease.address, "attempt": attempt})
+                if attempt == 2:
+                    return live
+                try:
+                    lease = await asyncio.wait_for(
+                        pool.acquire(deployment, _first_key, exclude=frozenset(tried)),
+                        max(0.001, max(item.deadline for item in live) - time.monotonic()),
+                    )
+                except TimeoutError:
+                    for item in live:
+                        item.settle(ShepherdError(grpc.StatusCode.DEADLINE_EXCEEDED, _EXPIRED))
+                    return []
+                except ShepherdError as refused:
+                    failures.append(refused.message)
+                    return live
+                continue
+            except ShepherdError as error:
+                lease.release(latency_s=None)
+                for item in live:
+                    item.settle(error)
+                return []
+            latency_s = time.monotonic() - started
+            lease.release(latency_s=latency_s)
+            self._record(model, live, outcomes, latency_s, lease.address, True)
+            span.set_attribute("shepherd.deployment", deployment.name)
+            span.set_attribute("shepherd.triton.node", lease.address)
+            return []
+        return []
+
+    async def _run_hosted(
+        self,
+        model: Model,
+        deployments: Sequence[Deployment],
+        batch: list[PendingRequest],
+        failures: list[str],
+        span: trace.Span,
+        spilled: bool = False,
+    ) -> list[PendingRequest]:
+        """Try hosted deployments in order; returns requests still unanswered."""
+        for deployment in deployments:
+            live = self._live(batch)
+            if not live:
+                return []
+            started = time.monotonic()
+            try:
+                outcomes = await self._hosted.run(deployment, live)
+            except ShepherdError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    for item in live:
+                        item.settle(error)
+                    return []
+                failures.append(f"{deployment.name}: {error.message}")
+                span.add_event("deployment.unavailable", {"deployment": deployment.name})
+                continue
+            span.set_attribute("shepherd.deployment", deployment.name)
+            if spilled:
+                for outcome in outcomes:
+                    if isinstance(outcome, common_pb2.Completion):
+                        outcome.placement.spilled_over = True
+            primary = deployment is model.deployments[0]
+            latency_s = time.monotonic() - started
+            self._record(model, live, outcomes, latency_s, deployment.name, primary)
+            return []
+        return self._live(batch)
+
+    def _record(
+        self,
+        model: Model,
+        batch: Sequence[PendingRequest],
+        outcomes: Sequence[common_pb2.Completion | ShepherdError],
+        latency_s: float,
+        where: str,
+        primary: bool,
+    ) -> None:
+        stats = self._stats[model.name]
+        stats.dispatched(latency_s, where, primary)
+        completed = 0
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if not isinstance(outcome, ShepherdError) and not item.future.done():
+                completed += 1
+            item.settle(outcome)
+        stats.outcome("completed", completed)
 
     async def close(self) -> None:
-        for backend in self._backends.values():
-            await backend.close()
+        await self._hosted.close()

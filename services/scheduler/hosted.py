@@ -39,7 +39,7 @@ from shepherd.common.v1 import common_pb2
 
 from libs.catalog import Deployment
 from libs.errors import ShepherdError, retry_info
-from services.scheduler.batcher import PendingRequest
+from services.scheduler.queue import PendingRequest
 
 API_KEY_ENV = "SHEPHERD_HOSTED_API_KEY"
 

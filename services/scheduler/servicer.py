@@ -1,10 +1,10 @@
-"""The SchedulerService RPCs: queue a request and wait for its batch's answer."""
+"""The SchedulerService RPCs: admit a request and wait for its answer; report statistics."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -13,23 +13,48 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
-from services.scheduler.batcher import Batcher, PendingRequest
+from services.scheduler.admission import Admission
+from services.scheduler.batcher import Batcher
+from services.scheduler.nodes import ModelState, NodePool, NodeState
+from services.scheduler.placement import LOAD, LOAD_FAILED, UNLOAD, Placer
+from services.scheduler.queue import CLASSES, PendingRequest
+from services.scheduler.stats import percentile
 
 _ROLES = {
     common_pb2.ROLE_SYSTEM: "system",
     common_pb2.ROLE_USER: "user",
     common_pb2.ROLE_ASSISTANT: "assistant",
 }
+_NODE_STATES = {
+    NodeState.UNKNOWN: scheduler_pb2.NODE_STATE_UNSPECIFIED,
+    NodeState.HEALTHY: scheduler_pb2.NODE_STATE_HEALTHY,
+    NodeState.OPEN: scheduler_pb2.NODE_STATE_OPEN,
+    NodeState.HALF_OPEN: scheduler_pb2.NODE_STATE_HALF_OPEN,
+}
+_ACTIONS = {
+    LOAD: scheduler_pb2.PLACEMENT_ACTION_LOAD,
+    UNLOAD: scheduler_pb2.PLACEMENT_ACTION_UNLOAD,
+    LOAD_FAILED: scheduler_pb2.PLACEMENT_ACTION_LOAD_FAILED,
+}
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Hands each request to its model's batcher."""
+    """Validates requests, hands them to admission and reads the scheduler's state."""
 
     def __init__(
-        self, catalog: Catalog, batchers: Mapping[str, Batcher], default_timeout_s: float
+        self,
+        catalog: Catalog,
+        admission: Admission,
+        batchers: Mapping[str, Batcher],
+        pools: Mapping[str, NodePool],
+        placers: Sequence[Placer],
+        default_timeout_s: float,
     ) -> None:
         self._catalog = catalog
+        self._admission = admission
         self._batchers = batchers
+        self._pools = pools
+        self._placers = placers
         self._default_timeout_s = default_timeout_s
 
     async def Infer(
@@ -55,10 +80,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             deadline=time.monotonic() + timeout_s,
             future=asyncio.get_running_loop().create_future(),
             span_context=trace.get_current_span().get_span_context(),
+            priority=request.priority,
+            self_hosted_only=request.self_hosted_only,
         )
-        self._batchers[model.name].submit(item)
-        # If the caller cancels, awaiting cancels the future too, and the batcher skips it.
+        # If the caller cancels, awaiting cancels the future too: the request leaves the
+        # queue at once and is never dispatched.
         try:
+            await self._admission.admit(model, item)
             completion = await asyncio.wait_for(item.future, timeout_s)
         except TimeoutError:
             raise ShepherdError(
@@ -66,3 +94,76 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 f"no answer from the {model.name} backends within {timeout_s:.1f}s",
             ) from None
         return scheduler_pb2.InferResponse(completion=completion)
+
+    async def GetStats(
+        self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetStatsResponse:
+        if request.model:
+            names = [self._catalog.resolve(request.model).name]
+        else:
+            names = sorted(self._batchers)
+        response = scheduler_pb2.GetStatsResponse()
+        for name in names:
+            batcher = self._batchers[name]
+            queue, stats = batcher.queue, batcher.stats
+            counters = queue.counters
+            response.models.append(
+                scheduler_pb2.ModelStats(
+                    model=name,
+                    queue_depth=queue.depth,
+                    queue_depth_by_priority=[
+                        scheduler_pb2.PriorityDepth(priority=priority, depth=queue.depth_of(rank))
+                        for rank, priority in enumerate(CLASSES)
+                    ],
+                    admitted=counters.admitted,
+                    completed=stats.completed,
+                    rejected=counters.rejected,
+                    shed=counters.shed,
+                    expired=counters.expired,
+                    cancelled=counters.cancelled,
+                    spilled_over=stats.spilled_over,
+                    batches=stats.batches,
+                    batch_sizes=[
+                        scheduler_pb2.BatchSizeCount(size=size, count=count)
+                        for size, count in sorted(stats.batch_sizes.items())
+                    ],
+                    queue_wait_p50_ms=percentile(stats.queue_wait_ms, 0.5),
+                    queue_wait_p99_ms=percentile(stats.queue_wait_ms, 0.99),
+                    dispatch_latency_p50_ms=percentile(stats.dispatch_ms, 0.5),
+                    dispatch_latency_p99_ms=percentile(stats.dispatch_ms, 0.99),
+                    estimated_wait_ms=batcher.estimated_wait_s(1) * 1000,
+                )
+            )
+        for pool in self._pools.values():
+            for node in pool.nodes.values():
+                response.nodes.append(
+                    scheduler_pb2.NodeStats(
+                        pool=pool.pool.name,
+                        address=node.address,
+                        state=_NODE_STATES[node.state],
+                        inflight_batches=node.inflight,
+                        max_inflight_batches=node.cap,
+                        ema_latency_ms=node.ema_s * 1000,
+                        loaded_models=sorted(
+                            m.name for m in node.models.values() if m.state is ModelState.READY
+                        ),
+                        memory_total_mb=node.memory_total_mb,
+                        memory_used_mb=node.memory_used_mb,
+                        consecutive_failures=node.failures,
+                    )
+                )
+        events = sorted(
+            (e for placer in self._placers for e in placer.events), key=lambda e: e.unix_ms
+        )
+        response.placement_events.extend(
+            scheduler_pb2.PlacementEvent(
+                unix_ms=e.unix_ms,
+                node=e.node,
+                backend_model=e.backend_model,
+                action=_ACTIONS[e.action],
+                reason=e.reason,
+                duration_ms=e.duration_ms,
+            )
+            for e in events
+        )
+        return response

@@ -315,3 +315,41 @@ def test_one_request_makes_one_trace_across_all_services(
         and s.service == "shepherd-scheduler"
     )
     assert (response.trace_id, scheduler_server.span_id) in batch.links
+
+
+def test_an_operator_reads_the_scheduler_state_with_grpcurl(
+    mesh: LocalMesh, router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
+) -> None:
+    _, key = tenant
+    router.Chat(
+        chat_request("tiny", f"count me {uuid.uuid4().hex}"), metadata=auth(key), timeout=TIMEOUT_S
+    )
+    stats = json.loads(
+        grpcurl(
+            "-d",
+            '{"model": "tiny"}',
+            mesh.address("scheduler"),
+            "shepherd.scheduler.v1.SchedulerService/GetStats",
+        )
+    )
+    [model] = stats["models"]
+    assert model["model"] == "shepherd-tiny"
+    assert int(model["completed"]) >= 1 and int(model["batches"]) >= 1
+    local = [n for n in stats["nodes"] if n["pool"] == "local"]
+    assert local and local[0]["state"] == "NODE_STATE_HEALTHY"
+    assert "tiny_lm" in local[0]["loaded_models"]
+
+
+def test_a_self_hosted_only_chat_never_goes_to_a_hosted_model(
+    router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
+) -> None:
+    _, key = tenant
+    request = chat_request("gpt4", f"private {uuid.uuid4().hex}")
+    request.self_hosted_only = True
+    error = rpc_error(lambda: router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shepherd-tiny" in error.details()
+    request = chat_request("tiny", f"private {uuid.uuid4().hex}")
+    request.self_hosted_only = True
+    answer = router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
+    assert answer.placement.kind == common_pb2.BACKEND_KIND_TRITON

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from libs.catalog import Price, load_catalog, parse_catalog, usd_to_nano
+from libs.catalog import Pool, Price, QueuePolicy, Tenant, load_catalog, parse_catalog, usd_to_nano
 from libs.config import DEFAULT_CATALOG, ConfigError
 from libs.errors import ShepherdError
 
@@ -256,7 +256,7 @@ def broken(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         ),
         pytest.param(
             broken(("pools", "local", "nodes"), []),
-            ["pools.local", "at least one node"],
+            ["pools.local", "`nodes`", "`dns`"],
             id="empty-pool",
         ),
         pytest.param(
@@ -296,3 +296,222 @@ def test_unreadable_and_non_mapping_files_fail_with_the_path(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         load_catalog(bad_yaml, env={})
     assert str(bad_yaml) in str(caught.value)
+
+
+TRITON = {"kind": "triton", "pool": "local", "model": "alpha_lm"}
+HOSTED = {"kind": "hosted", "provider": "holysheep", "model": "alpha"}
+
+
+def with_second_pool(data: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    data["pools"]["gpu-a"] = spec
+    return data
+
+
+def test_shipped_catalog_declares_placement_queue_and_tenant_policy() -> None:
+    catalog = load_catalog(DEFAULT_CATALOG, env={})
+
+    tiny = catalog.models["shepherd-tiny"]
+    assert tiny.deployments[0].memory_mb == 512
+    assert tiny.deployments[0].max_nodes == 2
+    assert tiny.deployments[0].memory_mb <= catalog.pools["local"].gpu_memory_mb
+    assert tiny.queue == QueuePolicy(max_size=1024, aging_s=2.0)
+    assert catalog.pools["local"].model_control == "explicit"
+    assert catalog.tenant("regulated-health").self_hosted_only is True
+    for model in catalog.models.values():
+        assert all(d.kind == "hosted" for d in model.deployments[1:]), model.name
+
+
+def test_queue_policy_defaults_are_inherited_and_overridable() -> None:
+    data = minimal()
+    data["defaults"]["queue"] = {"max_size": 64}
+    data["models"]["beta"]["queue"] = {"aging_s": 0.5}
+
+    catalog = parse_catalog(data, env={})
+
+    assert catalog.models["alpha"].queue == QueuePolicy(max_size=64, aging_s=2.0)
+    assert catalog.models["beta"].queue == QueuePolicy(max_size=64, aging_s=0.5)
+    assert parse_catalog(minimal(), env={}).models["alpha"].queue == QueuePolicy(
+        max_size=1024, aging_s=2.0
+    )
+
+
+def test_preferred_batch_sizes_are_sorted_and_deduplicated() -> None:
+    data = broken(
+        ("models", "alpha", "batching"), {"max_batch_size": 8, "preferred_batch_sizes": [8, 2, 8]}
+    )
+    assert parse_catalog(data, env={}).models["alpha"].batching.preferred_batch_sizes == (2, 8)
+
+
+def test_tenants_have_policies_and_unknown_tenants_get_defaults() -> None:
+    data = minimal()
+    data["tenants"] = {"clinic": {"self_hosted_only": True}, "shop": None}
+
+    catalog = parse_catalog(data, env={})
+
+    assert catalog.tenant("clinic") == Tenant(name="clinic", self_hosted_only=True)
+    assert catalog.tenant("shop") == Tenant(name="shop", self_hosted_only=False)
+    assert catalog.tenant("stranger") == Tenant(name="stranger", self_hosted_only=False)
+    assert parse_catalog(minimal(), env={}).tenant("clinic").self_hosted_only is False
+
+
+def test_pool_settings_and_their_defaults() -> None:
+    data = with_second_pool(
+        minimal(),
+        dns="triton.gpu.svc:8001",
+        model_control="none",
+        gpu_memory_mb=81_920,
+        metrics_port=8002,
+        max_inflight_batches=4,
+    )
+
+    catalog = parse_catalog(data, env={})
+
+    assert catalog.pools["gpu-a"] == Pool(
+        name="gpu-a",
+        nodes=(),
+        dns="triton.gpu.svc:8001",
+        model_control="none",
+        gpu_memory_mb=81_920,
+        metrics_port=8002,
+        max_inflight_batches=4,
+    )
+    assert catalog.pools["local"] == Pool(
+        name="local",
+        nodes=("127.0.0.1:8001",),
+        dns="",
+        model_control="explicit",
+        gpu_memory_mb=16_384,
+        metrics_port=0,
+        max_inflight_batches=2,
+    )
+
+
+def test_pool_dns_comes_from_env_and_a_node_list_override_replaces_it() -> None:
+    data = with_second_pool(minimal(), dns="triton.gpu.svc:8001")
+
+    dns = parse_catalog(data, env={"SHEPHERD_POOL_GPU_A_DNS": "triton.other.svc:9001"})
+    assert dns.pools["gpu-a"].dns == "triton.other.svc:9001"
+    assert dns.pools["gpu-a"].nodes == ()
+
+    from_env_only = parse_catalog(minimal(), env={"SHEPHERD_POOL_LOCAL_DNS": "t.svc:8001"})
+    assert from_env_only.pools["local"].dns == "t.svc:8001"
+
+    nodes = parse_catalog(data, env={"SHEPHERD_POOL_GPU_A_NODES": "10.0.0.1:8001"})
+    assert nodes.pools["gpu-a"].nodes == ("10.0.0.1:8001",)
+    assert nodes.pools["gpu-a"].dns == ""
+
+
+def test_triton_deployment_memory_and_node_count() -> None:
+    data = broken(
+        ("models", "alpha", "deployments"),
+        [dict(TRITON, memory_mb=2048, max_nodes=3), HOSTED],
+    )
+
+    alpha = parse_catalog(data, env={}).models["alpha"]
+
+    assert (alpha.deployments[0].memory_mb, alpha.deployments[0].max_nodes) == (2048, 3)
+    assert [d.kind for d in alpha.self_hosted] == ["triton"]
+    assert [d.name for d in alpha.hosted] == ["holysheep/alpha"]
+    plain = parse_catalog(minimal(), env={}).models["alpha"].deployments[0]
+    assert (plain.memory_mb, plain.max_nodes) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        pytest.param(
+            broken(
+                ("models", "alpha", "batching"),
+                {"max_batch_size": 8, "preferred_batch_sizes": [4, 16]},
+            ),
+            ["models.alpha.batching.preferred_batch_sizes", "[16]", "max_batch_size (8)"],
+            id="preferred-above-max",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "batching"), {"preferred_batch_sizes": [0, 2]}),
+            ["models.alpha.batching.preferred_batch_sizes", "[0]"],
+            id="preferred-zero",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "deployments"), [TRITON, dict(TRITON, name="again")]),
+            ["models.alpha.deployments", "one Triton deployment"],
+            id="two-triton-deployments",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "deployments"), [HOSTED, TRITON]),
+            ["models.alpha.deployments", "must come first"],
+            id="triton-after-hosted",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "deployments"), [dict(TRITON, memory_mb=20_000)]),
+            ["models.alpha.deployments[0].memory_mb", "20000", "16384", "'local'"],
+            id="memory-larger-than-a-node",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "deployments"), [dict(TRITON, memory_mb=-1)]),
+            ["models.alpha.deployments[0].memory_mb", "-1"],
+            id="negative-memory",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "deployments"), [dict(TRITON, max_nodes=0)]),
+            ["models.alpha.deployments[0].max_nodes", "at least 1"],
+            id="zero-max-nodes",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "queue"), {"aging_s": 0}),
+            ["models.alpha.queue.aging_s", "above 0"],
+            id="zero-aging",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "queue"), {"aging_s": -1}),
+            ["models.alpha.queue.aging_s"],
+            id="negative-aging",
+        ),
+        pytest.param(
+            broken(("models", "alpha", "queue"), {"max_size": 0}),
+            ["models.alpha.queue.max_size", "at least 1"],
+            id="zero-queue-size",
+        ),
+        pytest.param(
+            broken(("pools", "local"), {"dns": "triton.gpu.svc"}),
+            ["pools.local.dns", "'triton.gpu.svc'", "name:port"],
+            id="dns-without-port",
+        ),
+        pytest.param(
+            broken(("pools", "local"), None),
+            ["pools.local", "`nodes`", "`dns`"],
+            id="pool-without-nodes-or-dns",
+        ),
+        pytest.param(
+            broken(("pools", "local", "model_control"), "auto"),
+            ["pools.local.model_control", "'auto'"],
+            id="unknown-model-control",
+        ),
+        pytest.param(
+            broken(("pools", "local", "gpu_memory_mb"), 0),
+            ["pools.local.gpu_memory_mb", "at least 1"],
+            id="zero-gpu-memory",
+        ),
+        pytest.param(
+            broken(("pools", "local", "max_inflight_batches"), 0),
+            ["pools.local.max_inflight_batches", "at least 1"],
+            id="zero-inflight-batches",
+        ),
+    ],
+)
+def test_invalid_placement_and_queue_settings_name_the_location(
+    data: dict[str, Any], expected: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(data, env={})
+
+    for fragment in expected:
+        assert fragment in str(caught.value)
+
+
+def test_memory_check_uses_the_pools_own_node_size() -> None:
+    data = broken(("pools", "local", "gpu_memory_mb"), 40_000)
+    data["models"]["alpha"]["deployments"] = [dict(TRITON, memory_mb=20_000)]
+
+    assert parse_catalog(data, env={}).models["alpha"].deployments[0].memory_mb == 20_000

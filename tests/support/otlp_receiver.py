@@ -1,7 +1,8 @@
-"""A real OTLP/gRPC trace receiver for the tests, built on the opentelemetry-proto services.
+"""A real OTLP/gRPC receiver for the tests, built on the opentelemetry-proto services.
 
-Services export to it exactly as they would to Jaeger's OTLP port, so a test sees the spans
-a person would see in Jaeger, grouped by trace id.
+Services export to it exactly as they would to Jaeger's OTLP port (spans) or a collector's
+(metrics), so a test sees the spans a person would see in Jaeger, grouped by trace id, and the
+metric names and points a dashboard would get.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import (
+    metrics_service_pb2,
+    metrics_service_pb2_grpc,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from deploy.local.ports import free_port
@@ -62,15 +67,65 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
+@dataclass(frozen=True)
+class ReceivedMetric:
+    """One exported metric: its service, name and the attributes of each of its points."""
+
+    service: str
+    name: str
+    points: tuple[dict[str, str], ...]
+
+
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self._receiver = receiver
+
+    def Export(
+        self,
+        request: metrics_service_pb2.ExportMetricsServiceRequest,
+        context: grpc.ServicerContext,
+    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        received = []
+        for resource_metrics in request.resource_metrics:
+            service = next(
+                (
+                    a.value.string_value
+                    for a in resource_metrics.resource.attributes
+                    if a.key == "service.name"
+                ),
+                "",
+            )
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    kind = metric.WhichOneof("data")
+                    points = getattr(metric, kind).data_points if kind else []
+                    received.append(
+                        ReceivedMetric(
+                            service=service,
+                            name=metric.name,
+                            points=tuple(
+                                {a.key: a.value.string_value for a in point.attributes}
+                                for point in points
+                            ),
+                        )
+                    )
+        self._receiver.add_metrics(received)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 class OtlpReceiver:
     """Runs the receiver on a free loopback port and collects every span it is sent."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self._spans: list[ReceivedSpan] = []
+        self._metrics: list[ReceivedMetric] = []
         self._lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
+            _MetricsService(self), self._server
+        )
         self._server.add_insecure_port(f"127.0.0.1:{self.port}")
 
     @property
@@ -87,6 +142,25 @@ class OtlpReceiver:
     def add(self, spans: list[ReceivedSpan]) -> None:
         with self._lock:
             self._spans.extend(spans)
+
+    def add_metrics(self, metrics: list[ReceivedMetric]) -> None:
+        with self._lock:
+            self._metrics.extend(metrics)
+
+    def wait_for_metrics(
+        self, service: str, names: set[str], timeout_s: float = 15.0
+    ) -> dict[str, list[ReceivedMetric]]:
+        """Wait until every named metric has arrived from `service`; returns them by name."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                found: dict[str, list[ReceivedMetric]] = {}
+                for metric in self._metrics:
+                    if metric.service == service:
+                        found.setdefault(metric.name, []).append(metric)
+            if names <= set(found) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
 
     def spans(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:

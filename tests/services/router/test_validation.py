@@ -10,7 +10,7 @@ from google.rpc import error_details_pb2, status_pb2
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
 
-from libs.catalog import Batching, Deployment, Model, Price
+from libs.catalog import Batching, Deployment, Model, Price, QueuePolicy
 from libs.errors import STATUS_DETAILS_KEY, ShepherdError
 from services.router.validation import MAX_REQUEST_ID_CHARS, resolved_params
 
@@ -23,6 +23,7 @@ MODEL = Model(
     default_max_tokens=16,
     max_output_tokens=64,
     batching=Batching(max_batch_size=8, max_queue_delay_ms=5, preferred_batch_sizes=()),
+    queue=QueuePolicy(max_size=1024, aging_s=2.0),
     cache_ttl_s=3600,
     deployments=(
         Deployment(name="local/tiny_lm", kind="triton", backend_model="tiny_lm", pool="local"),

@@ -397,8 +397,12 @@ class TinyLM:
         max_tokens: list[int],
         temperatures: list[float],
         seeds: list[int | None],
+        ignore_eos: bool = False,
     ) -> list[Completion]:
         """Complete every prompt in one batched pass (left-padded prefill, then decode steps).
+
+        With `ignore_eos` every row generates exactly its MAX_TOKENS (vLLM's option of the
+        same name): load tests use it to make each request cost a known amount of work.
 
         Left padding aligns every row's last prompt token, so one decode step serves all
         rows; padded slots are masked out, which keeps a row's output identical whether it
@@ -456,7 +460,9 @@ class TinyLM:
             logits = _layer_norm(last) @ self.w_out + self.vocab_bias
             logits -= PRESENCE_PENALTY * seen
             # At least one word per completion; after that EOS grows more likely.
-            eos_bias = NEG_INF if step == 0 else EOS_BIAS_START + EOS_BIAS_PER_STEP * step
+            eos_bias = (
+                NEG_INF if step == 0 or ignore_eos else EOS_BIAS_START + EOS_BIAS_PER_STEP * step
+            )
             logits[:, EOS_ID] += eos_bias
             next_ids = logits.argmax(axis=-1)
             for row in np.flatnonzero(active):
@@ -512,6 +518,9 @@ class TritonPythonModel:
         """Build the seeded model once per instance, so every execution reuses the weights."""
         self.model_config = json.loads(args["model_config"])
         self.lm = TinyLM(WEIGHT_SEED)
+        # config.pbtxt: parameters { key: "ignore_eos" value: { string_value: "true" } }
+        parameter = self.model_config.get("parameters", {}).get("ignore_eos", {})
+        self.ignore_eos = parameter.get("string_value", "").lower() == "true"
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Serve a list of requests in one batched generate call.
@@ -557,7 +566,9 @@ class TritonPythonModel:
             seeds.extend(row_seeds)
             spans.append((start, len(prompts)))
 
-        completions = self.lm.generate(prompts, max_tokens, temperatures, seeds)
+        completions = self.lm.generate(
+            prompts, max_tokens, temperatures, seeds, ignore_eos=self.ignore_eos
+        )
 
         responses = []
         for span in spans:

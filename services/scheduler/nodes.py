@@ -1,0 +1,519 @@
+"""A pool of Triton nodes: discovery, health, circuit breaking and fair hand-out of capacity.
+
+Why the scheduler owns this instead of trusting Triton: Triton answers a full queue with a
+bare error and knows nothing of other nodes. Here every node has a cap on batches in flight,
+and a batch only leaves its model's queue once a node slot is granted to it, so backlog waits
+in Shepherd's priority queues (where it can be ordered, shed or spilled) rather than in
+Triton's FIFO.
+
+Capacity is handed out by priority. Every model's batcher that has a batch ready waits here
+with a key (its queue's best aged request class, then the model's catalog priority); when a
+slot frees, the waiting batcher with the smallest key that some free node can serve gets it.
+Among the free nodes that hold the model, two are sampled and the one with less work (in-flight
+batches times its EMA batch latency) wins: the power of two choices.
+
+Health comes from two sides. A poller asks every node ServerReady, and ModelReady for each
+model it should hold. Failed calls feed a circuit breaker: after `failure_threshold`
+consecutive failures a node is OPEN and gets nothing for a cool-down that doubles on every
+failed probe; then it is HALF_OPEN and exactly one probe (a poll or a batch) decides. When
+every node of a pool is OPEN, a request fails at once with UNAVAILABLE instead of waiting.
+
+Nodes come from the catalog's static list or from DNS (a Kubernetes headless service), which
+is re-resolved periodically; a node that disappears from DNS gets no new work and is dropped
+when its batches finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import grpc
+import httpx
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from libs.catalog import Deployment, Pool
+from libs.errors import ShepherdError
+
+_log = logging.getLogger(__name__)
+
+WaiterKey = tuple[float, int]
+
+
+class NodeState(Enum):
+    """The circuit breaker's view of a node."""
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class ModelState(Enum):
+    """Where a model stands on one node."""
+
+    LOADING = "loading"
+    READY = "ready"
+    EVICTING = "evicting"
+
+
+@dataclass
+class ModelOnNode:
+    """One model's copy on one node: its footprint, batches in flight and last use."""
+
+    name: str
+    memory_mb: int
+    state: ModelState
+    inflight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """How nodes are watched; read once at start-up."""
+
+    poll_interval_s: float = 0.5
+    probe_timeout_s: float = 1.0
+    failure_threshold: int = 2
+    open_cooldown_s: float = 1.0
+    max_cooldown_s: float = 30.0
+    dns_interval_s: float = 5.0
+    ema_alpha: float = 0.2
+
+
+class Node:
+    """One Triton server, its client and everything Shepherd tracks about it."""
+
+    def __init__(self, pool: Pool, address: str, client: triton.InferenceServerClient) -> None:
+        self.pool = pool
+        self.address = address
+        self.client = client
+        self.cap = pool.max_inflight_batches
+        self.memory_total_mb = pool.gpu_memory_mb
+        self.state = NodeState.UNKNOWN
+        self.failures = 0
+        self.cooldown_s = 0.0
+        self.retry_at = 0.0
+        self.inflight = 0
+        self.ema_s = 0.0
+        self.models: dict[str, ModelOnNode] = {}
+        self.load_lock = asyncio.Lock()  # loads and unloads on one node run one at a time
+        self.gone = False  # removed from DNS: drain, then drop
+        self.memory_probed = False
+
+    @property
+    def memory_used_mb(self) -> int:
+        return sum(m.memory_mb for m in self.models.values())
+
+    def usable(self, now: float) -> bool:
+        """Whether the breaker lets a new batch or probe through now."""
+        if self.gone:
+            return False
+        if self.state is NodeState.OPEN and now >= self.retry_at:
+            self.state = NodeState.HALF_OPEN
+        if self.state is NodeState.HALF_OPEN:
+            return self.inflight == 0
+        return self.state is not NodeState.OPEN
+
+    def blocked_until(self, now: float) -> float | None:
+        """When an OPEN node may be probed again; None when it is not blocked."""
+        if self.gone:
+            return None
+        return self.retry_at if self.state is NodeState.OPEN and now < self.retry_at else None
+
+    def has_slot(self) -> bool:
+        cap = 1 if self.state is NodeState.HALF_OPEN else self.cap
+        return self.inflight < cap
+
+    def ready(self, model: str) -> bool:
+        copy = self.models.get(model)
+        return copy is not None and copy.state is ModelState.READY
+
+    def score(self) -> float:
+        """Expected time until a new batch would finish here: the P2C comparison."""
+        return (self.inflight + 1) * (self.ema_s or 0.001)
+
+    def succeeded(self, latency_s: float | None, alpha: float) -> None:
+        if latency_s is not None:
+            self.ema_s = (
+                latency_s if self.ema_s == 0 else alpha * latency_s + (1 - alpha) * self.ema_s
+            )
+        if self.state is not NodeState.HEALTHY:
+            _log.info("triton node healthy", extra={"node": self.address})
+        self.state = NodeState.HEALTHY
+        self.failures = 0
+        self.cooldown_s = 0.0
+
+    def failed(self, reason: str, config: HealthConfig) -> None:
+        self.failures += 1
+        if self.state is NodeState.HALF_OPEN or self.failures >= config.failure_threshold:
+            self.cooldown_s = min(
+                config.max_cooldown_s, max(config.open_cooldown_s, self.cooldown_s * 2)
+            )
+            self.retry_at = time.monotonic() + self.cooldown_s
+            if self.state is not NodeState.OPEN:
+                _log.warning(
+                    "triton node circuit open",
+                    extra={"node": self.address, "reason": reason, "cooldown_s": self.cooldown_s},
+                )
+            self.state = NodeState.OPEN
+
+
+class Lease:
+    """A granted slot on one node for one batch; release it exactly once."""
+
+    def __init__(self, pool: NodePool, node: Node, deployment: Deployment) -> None:
+        self._pool = pool
+        self.node = node
+        self.deployment = deployment
+        self._released = False
+
+    @property
+    def address(self) -> str:
+        return self.node.address
+
+    def release(self, *, latency_s: float | None = None, failure: str = "") -> None:
+        """Give the slot back; `latency_s` feeds the EMA, `failure` the circuit breaker."""
+        if self._released:
+            return
+        self._released = True
+        self._pool.released(self, latency_s, failure)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    deployment: Deployment
+    key: Callable[[], WaiterKey]
+    exclude: frozenset[str]
+    future: asyncio.Future[Lease]
+
+
+class PlacementPolicy(Protocol):
+    """Decides where to load a model that no free node holds (see placement.py)."""
+
+    def consider(self, pool: NodePool, deployment: Deployment, exclude: frozenset[str]) -> None: ...
+
+
+ClientFactory = Callable[[str], triton.InferenceServerClient]
+
+
+def default_client(address: str) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url=address)
+
+
+class NodePool:
+    """The nodes of one catalog pool and the waiters for their capacity."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        deployments: Iterable[Deployment],
+        health: HealthConfig,
+        placement: PlacementPolicy | None,
+        client_factory: ClientFactory = default_client,
+    ) -> None:
+        self.pool = pool
+        self.health = health
+        self.placement = placement
+        self._deployments = {d.backend_model: d for d in deployments}
+        self._client_factory = client_factory
+        self.nodes: dict[str, Node] = {}
+        self._waiters: list[_Waiter] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._http = httpx.AsyncClient(timeout=health.probe_timeout_s, trust_env=False)
+        for address in pool.nodes:
+            self._add(address)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def _add(self, address: str) -> Node:
+        node = Node(self.pool, address, self._client_factory(address))
+        self.nodes[address] = node
+        return node
+
+    async def start(self) -> None:
+        """Learn what each node already serves, then keep polling (and resolving DNS)."""
+        if self.pool.dns:
+            await self._resolve_dns()
+        await asyncio.gather(*(self._adopt(node) for node in list(self.nodes.values())))
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poll:{self.pool.name}"))
+        if self.pool.dns:
+            self._tasks.append(asyncio.create_task(self._dns_loop(), name=f"dns:{self.pool.name}"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    ShepherdError(grpc.StatusCode.UNAVAILABLE, "the scheduler is shutting down")
+                )
+        for node in self.nodes.values():
+            await node.client.close()
+        await self._http.aclose()
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        deployment: Deployment,
+        key: Callable[[], WaiterKey],
+        exclude: frozenset[str] = frozenset(),
+    ) -> Lease:
+        """Wait for a slot on a node that serves `deployment`; UNAVAILABLE if none can."""
+        waiter = _Waiter(deployment, key, exclude, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            self.pump()
+            return await waiter.future
+        except asyncio.CancelledError:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()  # granted just before the cancel: give it back
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def pump(self) -> None:
+        """Grant free slots to waiters in priority order; start placements where needed."""
+        if not self._waiters:
+            return
+        now = time.monotonic()
+        for waiter in sorted(self._waiters, key=lambda w: w.key()):
+            if waiter.future.done():
+                self._waiters.remove(waiter)
+                continue
+            candidates = [
+                node
+                for node in self.nodes.values()
+                if node.address not in waiter.exclude
+                and node.usable(now)
+                and node.has_slot()
+                and node.ready(waiter.deployment.backend_model)
+            ]
+            if candidates:
+                node = self._choose(candidates)
+                self._grant(waiter, node, now)
+                continue
+            possible = [
+                n for n in self.nodes.values() if n.address not in waiter.exclude and not n.gone
+            ]
+            if not possible or all(n.blocked_until(now) is not None for n in possible):
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(self._unavailable(waiter, possible, now))
+                continue
+            if self.placement is not None:
+                self.placement.consider(self, waiter.deployment, waiter.exclude)
+
+    def _unavailable(self, waiter: _Waiter, possible: list[Node], now: float) -> ShepherdError:
+        if not possible:
+            detail = "no other node is configured" if waiter.exclude else "it has no nodes"
+        else:
+            next_probe = min(n.retry_at for n in possible) - now
+            detail = (
+                f"all {len(possible)} node(s) are failing health checks "
+                f"(next probe in {next_probe:.1f}s)"
+            )
+        return ShepherdError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"Triton pool {self.pool.name!r} cannot serve {waiter.deployment.backend_model}: "
+            f"{detail}",
+        )
+
+    @staticmethod
+    def _choose(candidates: list[Node]) -> Node:
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = random.sample(candidates, 2)
+        return first if first.score() <= second.score() else second
+
+    def _grant(self, waiter: _Waiter, node: Node, now: float) -> None:
+        self._waiters.remove(waiter)
+        node.inflight += 1
+        copy = node.models[waiter.deployment.backend_model]
+        copy.inflight += 1
+        copy.last_used = now
+        waiter.future.set_result(Lease(self, node, waiter.deployment))
+
+    def released(self, lease: Lease, latency_s: float | None, failure: str) -> None:
+        node = lease.node
+        node.inflight -= 1
+        copy = node.models.get(lease.deployment.backend_model)
+        if copy is not None:
+            copy.inflight -= 1
+            copy.last_used = time.monotonic()
+        if failure:
+            node.failed(failure, self.health)
+        elif latency_s is not None:
+            node.succeeded(latency_s, self.health.ema_alpha)
+        if node.gone and node.inflight == 0:
+            self._drop(node)
+        self.pump()
+
+    def capacity(self, deployment: Deployment) -> int:
+        """Batch slots of usable nodes that hold the model now (for wait estimates)."""
+        now = time.monotonic()
+        return sum(
+            node.cap
+            for node in self.nodes.values()
+            if node.ready(deployment.backend_model) and node.usable(now)
+        )
+
+    def ema_s(self, deployment: Deployment) -> float:
+        """The mean EMA batch latency of the nodes holding the model, 0 when unknown."""
+        emas = [
+            n.ema_s for n in self.nodes.values() if n.ready(deployment.backend_model) and n.ema_s
+        ]
+        return sum(emas) / len(emas) if emas else 0.0
+
+    # -- health -----------------------------------------------------------------------------
+
+    async def _adopt(self, node: Node) -> None:
+        """Take over the models a node already has loaded (after a scheduler restart)."""
+        try:
+            index = await node.client.get_model_repository_index(
+                as_json=True, client_timeout=self.health.probe_timeout_s
+            )
+        except InferenceServerException as error:
+            node.failed(f"repository index: {error.message()}", self.health)
+            return
+        for entry in index.get("models", []):
+            name = entry.get("name", "")
+            if entry.get("state") == "READY" and name and name not in node.models:
+                deployment = self._deployments.get(name)
+                node.models[name] = ModelOnNode(
+                    name, deployment.memory_mb if deployment else 0, ModelState.READY
+                )
+        node.succeeded(None, self.health.ema_alpha)
+        await self._probe_memory(node)
+
+    async def _probe_memory(self, node: Node) -> None:
+        """On GPU nodes, Triton's nv_gpu_memory_total_bytes replaces the configured memory."""
+        if node.memory_probed or not self.pool.metrics_port:
+            return
+        host = node.address.rpartition(":")[0]
+        try:
+            response = await self._http.get(f"http://{host}:{self.pool.metrics_port}/metrics")
+        except httpx.HTTPError:
+            return
+        node.memory_probed = True
+        total = 0.0
+        for line in response.text.splitlines():
+            if line.startswith("nv_gpu_memory_total_bytes"):
+                with contextlib.suppress(ValueError, IndexError):
+                    total += float(line.rsplit(" ", 1)[1])
+        if total > 0:
+            node.memory_total_mb = int(total // (1024 * 1024))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health.poll_interval_s)
+            await asyncio.gather(*(self.poll(node) for node in list(self.nodes.values())))
+            self.pump()
+
+    async def poll(self, node: Node) -> None:
+        """ServerReady, then ModelReady for every model the node should hold."""
+        now = time.monotonic()
+        if node.gone or node.blocked_until(now) is not None:
+            return
+        if node.state is NodeState.OPEN:
+            node.usable(now)  # cool-down over: HALF_OPEN, this poll is the probe
+        timeout = self.health.probe_timeout_s
+        try:
+            if not await node.client.is_server_ready(client_timeout=timeout):
+                # With --strict-readiness a node is "not ready" while any model loads or
+                # unloads; a live node in that state is busy, not broken, and ModelReady
+                # below still tells which models it can serve.
+                if not await node.client.is_server_live(client_timeout=timeout):
+                    node.failed("ServerLive and ServerReady answered false", self.health)
+                    return
+            expected = set(node.models)
+            if self.pool.model_control == "none":
+                expected |= set(self._deployments)
+            for name in expected:
+                copy = node.models.get(name)
+                if copy is not None and copy.state is not ModelState.READY:
+                    continue  # a load or unload is in progress; placement owns it
+                ready = await node.client.is_model_ready(name, client_timeout=timeout)
+                if ready and copy is None:
+                    deployment = self._deployments.get(name)
+                    node.models[name] = ModelOnNode(
+                        name, deployment.memory_mb if deployment else 0, ModelState.READY
+                    )
+                elif not ready and copy is not None and copy.inflight == 0:
+                    _log.warning(
+                        "model no longer ready", extra={"node": node.address, "model": name}
+                    )
+                    del node.models[name]
+        except InferenceServerException as error:
+            node.failed(f"health poll: {error.message()}", self.health)
+            return
+        if node.state is not NodeState.HEALTHY:
+            await self._probe_memory(node)
+        node.succeeded(None, self.health.ema_alpha)
+
+    # -- DNS --------------------------------------------------------------------------------
+
+    async def _dns_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health.dns_interval_s)
+            await self._resolve_dns()
+
+    async def _resolve_dns(self) -> None:
+        host, _, port = self.pool.dns.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM
+            )
+        except OSError as error:
+            _log.warning("DNS lookup failed", extra={"pool": self.pool.name, "error": str(error)})
+            return
+        found = set()
+        for family, _, _, _, sockaddr in infos:
+            ip = sockaddr[0]
+            found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+        for address in found - set(self.nodes):
+            _log.info("triton node discovered", extra={"pool": self.pool.name, "node": address})
+            await self._adopt(self._add(address))
+        for address in set(self.nodes) - found:
+            node = self.nodes[address]
+            node.gone = True
+            if node.inflight == 0:
+                self._drop(node)
+        self.pump()
+
+    def _drop(self, node: Node) -> None:
+        if self.nodes.get(node.address) is node:
+            del self.nodes[node.address]
+            task = asyncio.get_running_loop().create_task(node.client.close())
+            self._tasks.append(task)
+
+
+def pools_for(
+    pools: Mapping[str, Pool],
+    deployments: Iterable[Deployment],
+    health: HealthConfig,
+    placement_factory: Callable[[Pool], PlacementPolicy | None],
+) -> dict[str, NodePool]:
+    """One NodePool per catalog pool, knowing the deployments that run on it."""
+    by_pool: dict[str, list[Deployment]] = {name: [] for name in pools}
+    for deployment in deployments:
+        if deployment.kind == "triton":
+            by_pool[deployment.pool].append(deployment)
+    return {
+        name: NodePool(pool, by_pool[name], health, placement_factory(pool))
+        for name, pool in pools.items()
+    }

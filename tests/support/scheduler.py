@@ -1,0 +1,190 @@
+"""Real Triton nodes and a real scheduler process, laid out per test.
+
+`model_repository` builds a Triton model repository of named copies of the shipped tiny_lm
+(same weights and code, different names, `ignore_eos` so each request costs exactly its
+max_tokens of decoding): several distinct models to place, evict and prioritise, each with a
+known cost. `SchedulerProcess` runs `python -m services.scheduler` against a catalog written
+for the test, on a free port, and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shepherd.common.v1 import common_pb2
+from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+from deploy.local.ports import free_port
+from deploy.local.processes import spawn, stop, tail
+from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
+
+TINY_LM = DEFAULT_MODEL_REPOSITORY / "tiny_lm"
+
+
+def model_repository(root: Path, names: Sequence[str]) -> Path:
+    """A repository holding one tiny_lm copy per name, each generating exactly max_tokens."""
+    config = (TINY_LM / "config.pbtxt").read_text().replace('name: "tiny_lm"', "")
+    for name in names:
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1" / "model.py").symlink_to(TINY_LM / "1" / "model.py")
+        (root / name / "config.pbtxt").write_text(
+            f'name: "{name}"\n{config}\n'
+            'parameters { key: "ignore_eos" value: { string_value: "true" } }\n'
+        )
+    return root
+
+
+def start_node(work_dir: Path, repository: Path, load: Sequence[str] = ()) -> TritonNode:
+    """One Triton node in explicit model-control mode with `load` loaded at start."""
+    node = TritonNode(
+        TritonNodeConfig.with_free_ports(
+            work_dir=work_dir,
+            model_repository=repository,
+            model_control_mode="explicit",
+            load_models=tuple(load),
+        )
+    ).start()
+    try:
+        node.wait_ready(timeout_s=60)
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
+def catalog(
+    nodes: Sequence[str],
+    models: Mapping[str, Mapping[str, Any]],
+    *,
+    pool: Mapping[str, Any] | None = None,
+    provider_url: str = "http://127.0.0.1:9/v1",
+    tenants: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A catalog with one pool `gpu` over `nodes` and the given models.
+
+    Each model spec needs `model` (the Triton model) and may set `priority`, `batching`,
+    `queue`, `memory_mb`, `max_nodes` and `hosted` (a hosted model name for spill-over).
+    """
+    entries = {}
+    for name, spec in models.items():
+        deployments: list[dict[str, Any]] = [
+            {
+                "kind": "triton",
+                "pool": "gpu",
+                "model": spec["model"],
+                "memory_mb": spec.get("memory_mb", 100),
+                "max_nodes": spec.get("max_nodes", 1),
+            }
+        ]
+        if "hosted" in spec:
+            deployments.append({"kind": "hosted", "provider": "sim", "model": spec["hosted"]})
+        entries[name] = {
+            "priority": spec.get("priority", 5),
+            "price": {"input_usd_per_million": "0.02", "output_usd_per_million": "0.05"},
+            "batching": spec.get("batching", {"max_batch_size": 1, "max_queue_delay_ms": 0}),
+            "queue": spec.get("queue", {}),
+            "deployments": deployments,
+        }
+    return {
+        "pools": {
+            "gpu": {
+                "nodes": list(nodes),
+                "gpu_memory_mb": 4096,
+                "max_inflight_batches": 1,
+                **(pool or {}),
+            }
+        },
+        "providers": {"sim": {"base_url": provider_url, "api_key_env": "SHEPHERD_HOSTED_API_KEY"}},
+        "tenants": dict(tenants or {}),
+        "models": entries,
+    }
+
+
+class SchedulerProcess:
+    """`python -m services.scheduler` on a free port with a test catalog."""
+
+    def __init__(
+        self, run_dir: Path, catalog_data: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog_path = run_dir / "catalog.yaml"
+        self.catalog_path.write_text(yaml.safe_dump(dict(catalog_data)))
+        self.log_path = run_dir / "scheduler.log"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._env = {
+            "SHEPHERD_CATALOG": str(self.catalog_path),
+            "SHEPHERD_SCHEDULER_PORT": str(self.port),
+            "SHEPHERD_SCHEDULER_HEALTH_INTERVAL_S": "0.2",
+            "SHEPHERD_HOSTED_API_KEY": "",
+            **(env or {}),
+        }
+        self._process = None
+
+    def start(self, timeout_s: float = 30.0) -> SchedulerProcess:
+        import os
+
+        self._process = spawn(
+            [sys.executable, "-m", "services.scheduler"],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self._env},
+            log_path=self.log_path,
+        )
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self._process.poll() is not None:
+                    raise RuntimeError("the scheduler exited:\n" + tail(self.log_path))
+                try:
+                    if (
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
+                        return self
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        "the scheduler never reported SERVING:\n" + tail(self.log_path)
+                    )
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop(self._process)
+            self._process = None
+
+    def log(self) -> str:
+        return tail(self.log_path)
+
+
+def infer_request(
+    model: str,
+    *,
+    request_id: str,
+    max_tokens: int = 16,
+    priority: int = common_pb2.PRIORITY_NORMAL,
+    tenant: str = "t",
+    self_hosted_only: bool = False,
+) -> scheduler_pb2.InferRequest:
+    return scheduler_pb2.InferRequest(
+        request_id=request_id,
+        tenant=tenant,
+        model=model,
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"hello {request_id}")],
+        params=common_pb2.GenerationParams(max_tokens=max_tokens),
+        priority=priority,
+        self_hosted_only=self_hosted_only,
+    )
+
+
+def stub(channel: grpc.aio.Channel) -> scheduler_pb2_grpc.SchedulerServiceStub:
+    return scheduler_pb2_grpc.SchedulerServiceStub(channel)
