@@ -317,6 +317,19 @@ class NodePool:
                 continue
             if self.placement is not None:
                 self.placement.consider(self, waiter.deployment, waiter.exclude)
+            elif all(n.state is NodeState.HEALTHY for n in possible) and not any(
+                waiter.deployment.backend_model in n.models for n in possible
+            ):
+                # Nobody may load it (model_control: none) and every node has been polled.
+                self._waiters.remove(waiter)
+                waiter.future.set_exception(
+                    ShepherdError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no node of Triton pool {self.pool.name!r} has "
+                        f"{waiter.deployment.backend_model} loaded, and the pool's "
+                        "model_control is 'none', so Shepherd may not load it",
+                    )
+                )
 
     def _unavailable(self, waiter: _Waiter, possible: list[Node], now: float) -> ShepherdError:
         if not possible:

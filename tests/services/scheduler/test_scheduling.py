@@ -514,3 +514,22 @@ async def test_stats_and_metrics_show_batches_queue_and_nodes(
         assert "completed" in outcomes and "admitted" in outcomes
     finally:
         otlp.stop()
+
+
+async def test_without_model_control_only_models_the_nodes_report_ready_are_served(
+    node: TritonNode, launch: Launch, channel_to: Callable[..., Any]
+) -> None:
+    data = catalog(
+        [node.config.grpc_url],
+        {"loaded": {"model": "tiny_b"}, "absent": {"model": "tiny_z"}},
+        pool={"model_control": "none"},
+    )
+    stub = channel_to(launch(data))
+    reply = await stub.Infer(infer_request("loaded", request_id="ok"), timeout=30)
+    assert reply.completion.placement.backend_model == "tiny_b"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Infer(infer_request("absent", request_id="nope"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "tiny_z" in refused.value.details() and "model_control" in refused.value.details()
+    response = await stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+    assert response.placement_events == []
