@@ -9,6 +9,7 @@ for the test, on a free port, and stops it afterwards.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -129,8 +130,6 @@ class SchedulerProcess:
         self._process = None
 
     def start(self, timeout_s: float = 30.0) -> SchedulerProcess:
-        import os
-
         self._process = spawn(
             [sys.executable, "-m", "services.scheduler"],
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._env},
