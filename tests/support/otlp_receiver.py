@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2_grpc,
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from deploy.local.ports import free_port
 
@@ -34,6 +35,11 @@ class ReceivedSpan:
     links: tuple[tuple[str, str], ...]  # (trace id, span id) of each link
 
 
+def _service_name(resource: Resource) -> str:
+    """The exporting service, from the resource's service.name attribute."""
+    return next((a.value.string_value for a in resource.attributes if a.key == "service.name"), "")
+
+
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._receiver = receiver
@@ -43,14 +49,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         received = []
         for resource_spans in request.resource_spans:
-            service = next(
-                (
-                    a.value.string_value
-                    for a in resource_spans.resource.attributes
-                    if a.key == "service.name"
-                ),
-                "",
-            )
+            service = _service_name(resource_spans.resource)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     received.append(
@@ -87,14 +86,7 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
     ) -> metrics_service_pb2.ExportMetricsServiceResponse:
         received = []
         for resource_metrics in request.resource_metrics:
-            service = next(
-                (
-                    a.value.string_value
-                    for a in resource_metrics.resource.attributes
-                    if a.key == "service.name"
-                ),
-                "",
-            )
+            service = _service_name(resource_metrics.resource)
             for scope_metrics in resource_metrics.scope_metrics:
                 for metric in scope_metrics.metrics:
                     kind = metric.WhichOneof("data")
