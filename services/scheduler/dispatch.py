@@ -37,13 +37,11 @@ from libs.errors import ShepherdError
 from services.scheduler.batcher import Slot, WaiterKey
 from services.scheduler.hosted import HostedBackend
 from services.scheduler.nodes import Lease, NodePool
-from services.scheduler.queue import PendingRequest
+from services.scheduler.queue import PendingRequest, expired
 from services.scheduler.stats import ModelStats
 from services.scheduler.triton import NodeUnavailable, infer
 
 _tracer = trace.get_tracer(__name__)
-
-_EXPIRED = "the request's deadline passed before it could be dispatched; it was not run"
 
 
 class HostedSlot:
@@ -174,7 +172,7 @@ class Dispatcher:
             if item.future.done():
                 continue
             if item.deadline <= now:
-                item.settle(ShepherdError(grpc.StatusCode.DEADLINE_EXCEEDED, _EXPIRED))
+                item.settle(expired())
                 continue
             live.append(item)
         return live
@@ -216,7 +214,7 @@ class Dispatcher:
                     )
                 except TimeoutError:
                     for item in live:
-                        item.settle(ShepherdError(grpc.StatusCode.DEADLINE_EXCEEDED, _EXPIRED))
+                        item.settle(expired())
                     return []
                 except ShepherdError as refused:
                     failures.append(refused.message)

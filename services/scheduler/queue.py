@@ -48,6 +48,14 @@ def rank_of(priority: int) -> int:
     return RANKS.get(priority, 1)
 
 
+def expired() -> ShepherdError:
+    """The answer to a request whose deadline passed before it ran: it never reached a backend."""
+    return ShepherdError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "the request's deadline passed before it could be dispatched; it was not run",
+    )
+
+
 @dataclass(eq=False)
 class PendingRequest:
     """One admitted request and the future its RPC handler awaits."""
@@ -269,12 +277,7 @@ class ModelQueue:
             self._left(item)
             if item.deadline <= now:
                 self.count("expired")
-                item.settle(
-                    ShepherdError(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        "the request's deadline passed while it was queued; it was not run",
-                    )
-                )
+                item.settle(expired())
                 continue
             batch.append(item)
         return batch
