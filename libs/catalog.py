@@ -108,6 +108,9 @@ class Model:
     queue: QueuePolicy
     cache_ttl_s: int
     deployments: tuple[Deployment, ...]
+    # "tenant": answers are cached per tenant (or tenant cache group), the safe default;
+    # "shared": every tenant shares the family's answers, the seeds' "shared inference".
+    cache_scope: CacheScope = "tenant"
 
     @property
     def self_hosted(self) -> tuple[Deployment, ...]:
@@ -144,16 +147,34 @@ class Pool:
     max_inflight_batches: int = 2
 
 
+CacheScope = Literal["tenant", "shared"]
+
+
 @dataclass(frozen=True)
 class Tenant:
     """Per-tenant policy from the catalog.
 
     `self_hosted_only` is the seed's data-sovereignty case: this tenant's prompts must never
-    leave self-hosted nodes, so its requests are never spilled to a hosted API.
+    leave self-hosted nodes, so its requests are never spilled to a hosted API, nor answered
+    from a cache entry a hosted API produced.
+
+    `weight` is the tenant's share of a model's capacity when tenants compete within one
+    priority class (weighted fair share): a tenant of weight 2 is served twice the tokens of
+    a tenant of weight 1 while both have work queued.
+
+    `cache_group` names a group of tenants that share cached answers with each other (for
+    example the teams of one company); a tenant without one has a cache of its own.
     """
 
     name: str
     self_hosted_only: bool = False
+    weight: int = 1
+    cache_group: str = ""
+
+    @property
+    def cache_namespace(self) -> str:
+        """The cache namespace of this tenant's private answers: its group's, or its own."""
+        return f"group:{self.cache_group}" if self.cache_group else f"tenant:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -224,6 +245,10 @@ def _positive(mapping: Mapping[str, Any], key: str, default: int, where: str) ->
     return value
 
 
+def _is_name(value: str) -> bool:
+    return bool(value) and value.replace("-", "").replace("_", "").isalnum()
+
+
 def _has_port(address: str) -> bool:
     host, _, port = address.rpartition(":")
     return bool(host) and port.isdigit()
@@ -268,12 +293,25 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             metrics_port=int(spec.get("metrics_port", 0)),
             max_inflight_batches=_positive(spec, "max_inflight_batches", 2, where),
         )
-    tenants = {
-        str(name): Tenant(
-            name=str(name), self_hosted_only=bool((spec or {}).get("self_hosted_only"))
+    tenants: dict[str, Tenant] = {}
+    for name, spec in (data.get("tenants") or {}).items():
+        spec = spec or {}
+        where = f"tenants.{name}"
+        unknown = set(spec) - {"self_hosted_only", "weight", "cache_group"}
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown keys {sorted(unknown)}; a tenant may set self_hosted_only,"
+                " weight and cache_group (budgets and rate limits are set with AdminService)"
+            )
+        group = str(spec.get("cache_group", ""))
+        if group and not _is_name(group):
+            raise ConfigError(f"{where}.cache_group: {group!r} must be letters, digits, '-' or '_'")
+        tenants[str(name)] = Tenant(
+            name=str(name),
+            self_hosted_only=bool(spec.get("self_hosted_only")),
+            weight=_positive(spec, "weight", 1, where),
+            cache_group=group,
         )
-        for name, spec in (data.get("tenants") or {}).items()
-    }
     providers: dict[str, Provider] = {}
     for name, spec in (data.get("providers") or {}).items():
         where = f"providers.{name}"
@@ -363,6 +401,12 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
         )
         if queue.aging_s <= 0:
             raise ConfigError(f"{where}.queue.aging_s: must be above 0 seconds")
+        cache_scope = str(merged.get("cache_scope", "tenant"))
+        if cache_scope not in ("tenant", "shared"):
+            raise ConfigError(
+                f"{where}.cache_scope: 'tenant' (answers cached per tenant) or 'shared' "
+                f"(shared by every tenant of the family), not {cache_scope!r}"
+            )
         model = Model(
             name=name,
             aliases=tuple(str(a) for a in merged.get("aliases", ())),
@@ -384,6 +428,7 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             queue=queue,
             cache_ttl_s=int(merged.get("cache_ttl_s", 3600)),
             deployments=tuple(deployments),
+            cache_scope=cache_scope,  # type: ignore[arg-type]
         )
         models[name] = model
         for key in (name, *model.aliases):
@@ -393,6 +438,15 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     f"{where}: name or alias {key!r} is already used by {aliases[key]!r}"
                 )
             aliases[key] = name
+    scopes: dict[str, tuple[str, str]] = {}
+    for model in models.values():
+        first = scopes.setdefault(model.family, (model.name, model.cache_scope))
+        if first[1] != model.cache_scope:
+            raise ConfigError(
+                f"models.{model.name}.cache_scope: {model.cache_scope!r} differs from "
+                f"{first[1]!r} of {first[0]!r}; models of family {model.family!r} share one "
+                "cache, so they must agree on its scope"
+            )
     return Catalog(
         models=models, aliases=aliases, pools=pools, providers=providers, tenants=tenants
     )
