@@ -63,6 +63,7 @@ from deploy.local.triton import (
     process_group_members,
 )
 from libs.config import DEFAULT_CATALOG, REPO_ROOT
+from libs.credentials import Credentials, TokenClientInterceptor
 
 MODEL = "shepherd-tiny"
 TRITON_MODEL = "tiny_lm"
@@ -77,6 +78,8 @@ JUDGED_LEVELS = (32, 64)
 MAX_ERROR_RATE = 0.01
 CALL_TIMEOUT_S = 30.0
 WORKERS_PER_CHANNEL = 16
+# The scheduler accepts only calls carrying the service token; the bench calls as the router.
+BENCH_CREDENTIALS = Credentials(internal_tokens=("bench-" + uuid.uuid4().hex,))
 MAX_TOKENS = 16
 TRITON_READY_TIMEOUT_S = 180.0
 SCHEDULER_READY_TIMEOUT_S = 60.0
@@ -280,6 +283,7 @@ class SchedulerProcess:
             "SHEPHERD_HOST": LOCALHOST,
             "SHEPHERD_SCHEDULER_PORT": str(self.port),
             "SHEPHERD_CATALOG": str(self.catalog),
+            "SHEPHERD_INTERNAL_TOKEN": BENCH_CREDENTIALS.internal_tokens[0],
             # No trace export: it would cost CPU the measured processes need, and leave 127.0.0.1.
             "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         }
@@ -348,7 +352,12 @@ async def closed_loop(address: str, concurrency: int, total: int, tag: str) -> L
     until `total` requests have been sent. One channel per WORKERS_PER_CHANNEL workers."""
     channel_count = max(1, math.ceil(concurrency / WORKERS_PER_CHANNEL))
     channels = [
-        grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(channel_count)
+        grpc.aio.insecure_channel(
+            address,
+            options=CHANNEL_OPTIONS,
+            interceptors=[TokenClientInterceptor(BENCH_CREDENTIALS)],
+        )
+        for _ in range(channel_count)
     ]
     result = LoadResult(requests=total, ok=0, errors=0, duration_s=0.0)
     tickets = itertools.count()

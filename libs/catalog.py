@@ -195,6 +195,12 @@ class Catalog:
     pools: Mapping[str, Pool]
     providers: Mapping[str, Provider]
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    # The cache scope of each model family (families are checked to agree at parse time).
+    cache_scopes: Mapping[str, CacheScope] = field(default_factory=dict)
+
+    def family_cache_scope(self, family: str) -> CacheScope:
+        """Whether a family's answers are cached per tenant (the default) or shared."""
+        return self.cache_scopes.get(family, "tenant")
 
     def tenant(self, name: str) -> Tenant:
         """The policy of a tenant; tenants the catalog does not name get the defaults."""
@@ -438,8 +444,10 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     f"{where}: name or alias {key!r} is already used by {aliases[key]!r}"
                 )
             aliases[key] = name
-    scopes: dict[str, tuple[str, str]] = {}
+    scopes: dict[str, tuple[str, CacheScope]] = {}
     for model in models.values():
+        if ":" in model.family:
+            raise ConfigError(f"models.{model.name}.family: {model.family!r} must not contain ':'")
         first = scopes.setdefault(model.family, (model.name, model.cache_scope))
         if first[1] != model.cache_scope:
             raise ConfigError(
@@ -448,7 +456,12 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                 "cache, so they must agree on its scope"
             )
     return Catalog(
-        models=models, aliases=aliases, pools=pools, providers=providers, tenants=tenants
+        models=models,
+        aliases=aliases,
+        pools=pools,
+        providers=providers,
+        tenants=tenants,
+        cache_scopes={family: scope for family, (_, scope) in scopes.items()},
     )
 
 

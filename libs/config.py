@@ -79,6 +79,18 @@ def env_float(
     return value
 
 
+def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """Return a true/false variable; anything but the usual spellings fails at start-up."""
+    raw = env_str(name, "", env).strip().lower()
+    if raw == "":
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
 def env_address(name: str, default: str, env: Mapping[str, str] | None = None) -> str:
     """Return a `host:port` variable, checking its shape so a bad peer address fails at start."""
     value = env_str(name, default, env)

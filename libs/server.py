@@ -26,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from libs.config import ConfigError, ServerConfig, TelemetryConfig
+from libs.credentials import AccessInterceptor, Credentials, TokenClientInterceptor
 from libs.errors import ErrorInterceptor
 from libs.logs import setup_logging
 from libs.telemetry import client_interceptors, server_interceptors, setup_metrics, setup_tracing
@@ -84,10 +85,15 @@ def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.
     return redis.Redis.from_pool(pool)
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """Open a traced channel to a peer service; call once at start-up and share it."""
+def open_channel(address: str, credentials: Credentials) -> grpc.aio.Channel:
+    """Open a traced channel to a peer service that sends the service token on every call.
+
+    Call once at start-up and share it.
+    """
     return grpc.aio.insecure_channel(
-        address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors()
+        address,
+        options=_CHANNEL_OPTIONS,
+        interceptors=[*client_interceptors(), TokenClientInterceptor(credentials)],
     )
 
 
@@ -95,10 +101,17 @@ async def run_server(
     config: ServerConfig,
     bindings: Sequence[Binding],
     cleanups: Sequence[Cleanup] = (),
+    access: AccessInterceptor | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order."""
+    """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order.
+
+    `access`, when given, refuses calls without the credential their method needs (the
+    internal services); the router authenticates its callers' API keys itself.
+    """
+    guards = [access] if access is not None else []
     server = grpc.aio.server(
-        interceptors=[*server_interceptors(), ErrorInterceptor()], options=_SERVER_OPTIONS
+        interceptors=[*server_interceptors(), *guards, ErrorInterceptor()],
+        options=_SERVER_OPTIONS,
     )
     service_names = []
     for binding in bindings:

@@ -3,9 +3,12 @@
 It starts, in order: a Valkey server (unless REDIS_URL points at one), a Triton node serving
 deploy/triton/model_repository on CPU, the hosted-API simulator (unless a real
 SHEPHERD_HOSTED_API_KEY is configured), then billing, cache, scheduler and router, each as
-its own `python -m services.<name>` process. It waits until every service reports SERVING on
-the standard health service, issues a fresh dev API key, and stops everything in reverse
-order on Ctrl-C or SIGTERM. Nothing listens anywhere but 127.0.0.1.
+its own `python -m services.<name>` process. The services authenticate each other with a
+service token made fresh for each run, and operators use an admin key made the same way
+(`SHEPHERD_INTERNAL_TOKEN` and `SHEPHERD_ADMIN_KEYS` from the environment win). It waits
+until every service reports SERVING on the standard health service, issues a fresh dev API
+key, and stops everything in reverse order on Ctrl-C or SIGTERM. Nothing listens anywhere but
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from deploy.local.processes import spawn, stop, tail
 from deploy.local.provider_sim import SimProcess
 from deploy.local.triton import TritonNode, TritonNodeConfig
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
+from libs.apikeys import issue_key_at
 from libs.config import DEFAULT_PORTS, REPO_ROOT, env_int
-from services.router.auth import issue_key_at
 
 SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
@@ -48,6 +51,9 @@ class MeshConfig:
     hosted_api_key: str = ""  # empty: start the provider simulator
     otlp_endpoint: str = ""
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # The shared secret the services authenticate each other with, and the operators' key.
+    internal_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    admin_key: str = field(default_factory=lambda: "sk-admin-" + secrets.token_urlsafe(32))
 
     @classmethod
     def from_env(cls, run_dir: Path) -> MeshConfig:
@@ -61,6 +67,9 @@ class MeshConfig:
             redis_url=os.environ.get("REDIS_URL", ""),
             hosted_api_key=os.environ.get("SHEPHERD_HOSTED_API_KEY", ""),
             otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            internal_token=os.environ.get("SHEPHERD_INTERNAL_TOKEN") or secrets.token_hex(32),
+            admin_key=(os.environ.get("SHEPHERD_ADMIN_KEYS") or "").split(",")[0].strip()
+            or "sk-admin-" + secrets.token_urlsafe(32),
         )
 
     @classmethod
@@ -98,6 +107,8 @@ class LocalMesh:
             **self.config.extra_env,
             "PYTHONUNBUFFERED": "1",
             "REDIS_URL": self.redis_url,
+            "SHEPHERD_INTERNAL_TOKEN": self.config.internal_token,
+            "SHEPHERD_ADMIN_KEYS": self.config.admin_key,
             f"SHEPHERD_POOL_{LOCAL_POOL.upper()}_NODES": self.triton.config.grpc_url,
         }
         for name in SERVICES:
@@ -203,6 +214,8 @@ def banner(mesh: LocalMesh) -> str:
     """What `make run` prints: endpoints, the dev key and a call to copy."""
     grpcurl = shutil.which("grpcurl") or str(REPO_ROOT / ".venv" / "bin" / "grpcurl")
     router = mesh.address("router")
+    billing = mesh.address("billing")
+    admin = f"-H 'authorization: Bearer {mesh.config.admin_key}'"
     body = '{"model": "tiny", "messages": [{"role": "ROLE_USER", "content": "Hello, Shepherd"}]}'
     hosted = (
         f"provider simulator at {mesh.sim.base_url} (set SHEPHERD_HOSTED_API_KEY for the real API)"
@@ -229,12 +242,26 @@ def banner(mesh: LocalMesh) -> str:
         f"    -d '{body}' \\",
         f"    {router} shepherd.router.v1.RouterService/Chat",
         "",
-        "Billing totals for the tenant:",
-        f'  {grpcurl} -plaintext -d \'{{"tenant": "{DEV_TENANT}"}}\' \\',
-        f"    {mesh.address('billing')} shepherd.billing.v1.BillingService/GetTenantUsage",
+        "Your usage by day and model, with your own key:",
+        f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' -d '{{}}' \\",
+        f"    {router} shepherd.router.v1.RouterService/GetUsage",
+        "",
+        "Admin key (new each run; AdminService on the billing port, and GetStats):",
+        f"  {mesh.config.admin_key}",
+        "",
+        f'Give tenant "{DEV_TENANT}" a daily budget of $1 and 60 requests per minute:',
+        f"  {grpcurl} -plaintext {admin} \\",
+        f'    -d \'{{"tenant": "{DEV_TENANT}", "limits": {{"overall": {{"daily_budget":'
+        ' {"nano_usd": "1000000000"}, "requests_per_minute": "60"}}}\' \\',
+        f"    {billing} shepherd.billing.v1.AdminService/SetTenantLimits",
+        "",
+        "Issue a key for another tenant, and list keys (never their secrets):",
+        f'  {grpcurl} -plaintext {admin} -d \'{{"tenant": "acme"}}\' \\',
+        f"    {billing} shepherd.billing.v1.AdminService/IssueKey",
+        f"  {grpcurl} -plaintext {admin} -d '{{}}' {billing} shepherd.billing.v1.AdminService/ListKeys",
         "",
         "The scheduler's queues, batches, Triton nodes and model placement:",
-        f"  {grpcurl} -plaintext -d '{{}}' \\",
+        f"  {grpcurl} -plaintext {admin} -d '{{}}' \\",
         f"    {mesh.address('scheduler')} shepherd.scheduler.v1.SchedulerService/GetStats",
         "",
         "Press Ctrl-C to stop everything.",

@@ -1,41 +1,26 @@
-"""The usage ledger in Redis, idempotent by request id.
+"""The usage ledger: one entry per (tenant, request id), and the reports read from it.
 
-One Lua script records a request and adds it to the tenant's totals atomically: the entry for
-the request id is created only if it does not exist, and the totals move only when it was
-created. Recording the same request twice, from a retry or from two router replicas, therefore
-bills once, and a crash between the two steps cannot happen because there are no two steps.
-Amounts are integer nano-USD; Redis's HINCRBY keeps them exact up to 9.2 billion dollars.
+Recording is one atomic script (`libs/accounts.py`): the entry is created only if it does not
+exist, the request's reservation is settled, and the tenant's daily, monthly and running
+aggregates move only when the entry was created. Recording the same request twice, from a
+retry or from two router replicas, therefore bills once; the same id with a different
+request (fingerprint) is a conflict, never a silent free answer. Request ids are scoped by
+tenant, so one tenant's ids can never collide with another's.
+
+Per-request entries expire after the retention period (35 days by default); the daily
+aggregates, which reports read, stay. Amounts are integer nano-USD; Redis's HINCRBY keeps
+them exact up to 9.2 billion dollars.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
-import redis.asyncio as redis
+from libs.accounts import Accounts, Aggregate, Recorded
+from libs.errors import invalid_argument
 
-_RECORD = """
-local entry = KEYS[1]
-local totals = KEYS[2]
-if redis.call('EXISTS', entry) == 1 then
-  return {0, redis.call('HGET', entry, 'cost_nano')}
-end
-redis.call('HSET', entry, 'tenant', ARGV[1], 'model', ARGV[2], 'deployment', ARGV[3],
-  'prompt_tokens', ARGV[4], 'completion_tokens', ARGV[5], 'cost_nano', ARGV[6],
-  'cache_hit', ARGV[7], 'recorded_at', ARGV[8])
-local model = 'model:' .. ARGV[2] .. ':'
-redis.call('HINCRBY', totals, 'requests', 1)
-redis.call('HINCRBY', totals, 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', totals, 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', totals, 'cost_nano', ARGV[6])
-redis.call('HINCRBY', totals, model .. 'requests', 1)
-redis.call('HINCRBY', totals, model .. 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', totals, model .. 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', totals, model .. 'cost_nano', ARGV[6])
-redis.call('HINCRBY', totals, model .. 'cache_hits', ARGV[7])
-return {1, ARGV[6]}
-"""
-
-KEY_PREFIX = "shepherd:billing"
+MAX_REPORT_DAYS = 366
 
 
 @dataclass(frozen=True)
@@ -50,71 +35,79 @@ class UsageEntry:
     completion_tokens: int
     cost_nano: int
     cache_hit: bool
-    recorded_at_ms: int
-
-
-@dataclass(frozen=True)
-class Totals:
-    """Running totals for one tenant or one tenant's model."""
-
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_nano: int = 0
-    cache_hits: int = 0
+    recorded_at: dt.datetime
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
 class TenantTotals:
-    """A tenant's totals, overall and per model."""
+    """A tenant's running totals, overall and per model."""
 
-    overall: Totals
-    models: dict[str, Totals]
+    overall: Aggregate
+    models: dict[str, Aggregate]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One tenant's usage of one model on one UTC day."""
+
+    day: str
+    model: str
+    usage: Aggregate
 
 
 class Ledger:
-    """Reads and writes the usage ledger through a Redis client created at start-up."""
+    """Writes the ledger and reads reports, through the tenant accounts."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-        self._record = client.register_script(_RECORD)
+    def __init__(self, accounts: Accounts, retention_s: int) -> None:
+        self._accounts = accounts
+        self._retention_s = retention_s
 
-    async def record(self, entry: UsageEntry) -> tuple[int, bool]:
-        """Bill `entry` once; return (the cost billed for its request id, whether a duplicate)."""
-        created, cost = await self._record(
-            keys=[
-                f"{KEY_PREFIX}:request:{entry.request_id}",
-                f"{KEY_PREFIX}:tenant:{entry.tenant}",
-            ],
-            args=[
-                entry.tenant,
-                entry.model,
-                entry.deployment,
-                entry.prompt_tokens,
-                entry.completion_tokens,
-                entry.cost_nano,
-                int(entry.cache_hit),
-                entry.recorded_at_ms,
-            ],
+    async def record(self, entry: UsageEntry) -> Recorded:
+        """Bill `entry` once; a later record of the same (tenant, id) reports the first."""
+        return await self._accounts.record(
+            tenant=entry.tenant,
+            request_id=entry.request_id,
+            fingerprint=entry.fingerprint,
+            model=entry.model,
+            deployment=entry.deployment,
+            prompt_tokens=entry.prompt_tokens,
+            completion_tokens=entry.completion_tokens,
+            cost_nano=entry.cost_nano,
+            cache_hit=entry.cache_hit,
+            now=entry.recorded_at,
+            retention_s=self._retention_s,
         )
-        return int(cost), not bool(created)
 
     async def tenant_totals(self, tenant: str) -> TenantTotals:
-        """Read a tenant's totals; an unknown tenant has all-zero totals."""
-        raw = await self._client.hgetall(f"{KEY_PREFIX}:tenant:{tenant}")
-        fields = {k.decode(): int(v) for k, v in raw.items()}
-        per_model: dict[str, dict[str, int]] = {}
-        for key, value in fields.items():
-            if key.startswith("model:"):
-                model, _, field = key[len("model:") :].rpartition(":")
-                per_model.setdefault(model, {})[field] = value
-        overall = Totals(
-            requests=fields.get("requests", 0),
-            prompt_tokens=fields.get("prompt_tokens", 0),
-            completion_tokens=fields.get("completion_tokens", 0),
-            cost_nano=fields.get("cost_nano", 0),
-            cache_hits=sum(m.get("cache_hits", 0) for m in per_model.values()),
-        )
-        return TenantTotals(
-            overall=overall, models={name: Totals(**vals) for name, vals in per_model.items()}
-        )
+        """A tenant's running totals; an unknown tenant has all-zero totals."""
+        overall, models = await self._accounts.totals(tenant)
+        return TenantTotals(overall=overall, models=models)
+
+    async def report(self, tenant: str, first: dt.date, last: dt.date) -> list[Bucket]:
+        """Usage per day and model from first to last (inclusive), ordered by day and model."""
+        days = await self._accounts.days(tenant, first, last)
+        return [
+            Bucket(day=day, model=model, usage=usage)
+            for day, models in days
+            for model, usage in sorted(models.items())
+            if usage.requests
+        ]
+
+
+def _day(value: str, field: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise invalid_argument([(field, f"{value!r} must be a date written YYYY-MM-DD")]) from None
+
+
+def report_range(start_day: str, end_day: str, today: dt.date) -> tuple[dt.date, dt.date]:
+    """A report's days, first to last (by default the 30 days up to today), validated."""
+    last = _day(end_day, "end_day") if end_day else today
+    first = _day(start_day, "start_day") if start_day else last - dt.timedelta(days=29)
+    if first > last:
+        raise invalid_argument([("start_day", f"{first} is after end_day {last}")])
+    if (last - first).days + 1 > MAX_REPORT_DAYS:
+        raise invalid_argument([("start_day", f"a report covers at most {MAX_REPORT_DAYS} days")])
+    return first, last

@@ -1,25 +1,59 @@
-"""The BillingService RPCs: price usage with the catalog and write it to the ledger."""
+"""The BillingService RPCs: price usage with the catalog, write it to the ledger, report it."""
 
 from __future__ import annotations
-
-import time
 
 import grpc
 from redis.exceptions import RedisError
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
 
+from libs.accounts import Aggregate, utc_now
+from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
-from services.billing.ledger import Ledger, Totals, UsageEntry
+from services.billing.ledger import Bucket, Ledger, UsageEntry, report_range
+
+TENANT_RULE = "is required: 1-64 letters, digits, '-' or '_'"
 
 
-def _usage(totals: Totals) -> common_pb2.Usage:
+def usage_of(totals: Aggregate) -> common_pb2.Usage:
     return common_pb2.Usage(
         prompt_tokens=totals.prompt_tokens,
         completion_tokens=totals.completion_tokens,
         total_tokens=totals.prompt_tokens + totals.completion_tokens,
     )
+
+
+def buckets_of(buckets: list[Bucket]) -> list[common_pb2.UsageBucket]:
+    return [
+        common_pb2.UsageBucket(
+            day=b.day,
+            model=b.model,
+            requests=b.usage.requests,
+            usage=usage_of(b.usage),
+            cost=common_pb2.Money(nano_usd=b.usage.cost_nano),
+            cache_hits=b.usage.cache_hits,
+        )
+        for b in buckets
+    ]
+
+
+def unreachable(error: RedisError, what: str = "the billing ledger") -> ShepherdError:
+    return ShepherdError(grpc.StatusCode.UNAVAILABLE, f"{what} is unreachable ({error})")
+
+
+async def usage_report(
+    ledger: Ledger, tenant: str, start_day: str, end_day: str
+) -> tuple[list[common_pb2.UsageBucket], common_pb2.Money]:
+    """A tenant's usage by day and model: shared by BillingService and AdminService."""
+    if not valid_tenant(tenant):
+        raise invalid_argument([("tenant", TENANT_RULE)])
+    first, last = report_range(start_day, end_day, utc_now().date())
+    try:
+        buckets = buckets_of(await ledger.report(tenant, first, last))
+    except RedisError as error:
+        raise unreachable(error) from error
+    return buckets, common_pb2.Money(nano_usd=sum(b.cost.nano_usd for b in buckets))
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -35,8 +69,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         violations = []
         if not request.request_id:
             violations.append(("request_id", "is required; the ledger is idempotent on it"))
-        if not request.tenant:
-            violations.append(("tenant", "is required"))
+        elif len(request.request_id) > 128:
+            violations.append(("request_id", "must be at most 128 characters"))
+        if not valid_tenant(request.tenant):
+            violations.append(("tenant", TENANT_RULE))
         if request.usage.prompt_tokens < 0 or request.usage.completion_tokens < 0:
             violations.append(("usage", "token counts cannot be negative"))
         if violations:
@@ -56,44 +92,65 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             completion_tokens=request.usage.completion_tokens,
             cost_nano=cost,
             cache_hit=request.cache_hit,
-            recorded_at_ms=int(time.time() * 1000),
+            recorded_at=utc_now(),
+            fingerprint=request.fingerprint,
         )
         try:
-            billed, duplicate = await self._ledger.record(entry)
+            recorded = await self._ledger.record(entry)
         except RedisError as error:
             raise ShepherdError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the billing ledger is unreachable ({error}); retry with the same request_id,"
                 " which is billed at most once",
             ) from error
+        if recorded.conflict:
+            raise invalid_argument(
+                [
+                    (
+                        "request_id",
+                        f"{request.request_id!r} was already billed for a different request of"
+                        " this tenant; a new request needs a new id",
+                    )
+                ]
+            )
         return billing_pb2.RecordUsageResponse(
-            cost=common_pb2.Money(nano_usd=billed), duplicate=duplicate
+            cost=common_pb2.Money(nano_usd=recorded.cost_nano),
+            duplicate=recorded.duplicate,
+            capped=recorded.capped,
         )
 
     async def GetTenantUsage(
         self, request: billing_pb2.GetTenantUsageRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetTenantUsageResponse:
-        if not request.tenant:
-            raise invalid_argument([("tenant", "is required")])
+        if not valid_tenant(request.tenant):
+            raise invalid_argument([("tenant", TENANT_RULE)])
         try:
             totals = await self._ledger.tenant_totals(request.tenant)
         except RedisError as error:
-            raise ShepherdError(
-                grpc.StatusCode.UNAVAILABLE, f"the billing ledger is unreachable ({error})"
-            ) from error
+            raise unreachable(error) from error
         return billing_pb2.GetTenantUsageResponse(
             tenant=request.tenant,
             requests=totals.overall.requests,
-            usage=_usage(totals.overall),
+            usage=usage_of(totals.overall),
             cost=common_pb2.Money(nano_usd=totals.overall.cost_nano),
             models=[
                 billing_pb2.ModelUsage(
                     model=name,
                     requests=t.requests,
-                    usage=_usage(t),
+                    usage=usage_of(t),
                     cost=common_pb2.Money(nano_usd=t.cost_nano),
                     cache_hits=t.cache_hits,
                 )
                 for name, t in sorted(totals.models.items())
             ],
+        )
+
+    async def GetUsage(
+        self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.GetUsageResponse:
+        buckets, total = await usage_report(
+            self._ledger, request.tenant, request.start_day, request.end_day
+        )
+        return billing_pb2.GetUsageResponse(
+            tenant=request.tenant, buckets=buckets, total_cost=total
         )

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from libs.config import ServerConfig, TelemetryConfig, env_float, env_int, redis_url
+from libs.config import (
+    ServerConfig,
+    TelemetryConfig,
+    catalog_path,
+    env_float,
+    env_int,
+    redis_url,
+)
+from libs.credentials import Credentials
 
 
 @dataclass(frozen=True)
@@ -14,6 +23,8 @@ class CacheConfig:
 
     server: ServerConfig
     telemetry: TelemetryConfig
+    credentials: Credentials
+    catalog: Path
     redis_url: str
     redis_timeout_s: float
     default_ttl_s: int
@@ -23,6 +34,8 @@ class CacheConfig:
         return cls(
             server=ServerConfig.from_env("cache", env),
             telemetry=TelemetryConfig.from_env("cache", env),
+            credentials=Credentials.from_env(env),
+            catalog=catalog_path(env),
             redis_url=redis_url(env),
             # Short: a slow cache must not cost more than the work it saves.
             redis_timeout_s=env_float(

@@ -7,10 +7,13 @@ from shepherd.cache.v1 import cache_pb2_grpc
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from shepherd.scheduler.v1 import scheduler_pb2_grpc
 
+from libs.accounts import Accounts
+from libs.apikeys import KeyStore
 from libs.catalog import load_catalog
 from libs.server import Binding, main, open_channel, open_redis, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
+from services.router.quota import Quota
 from services.router.servicer import RouterServicer
 
 
@@ -20,14 +23,15 @@ async def serve() -> None:
     catalog = load_catalog(config.catalog)
     redis_client = open_redis(config.redis_url, 2.0)
     channels = [
-        open_channel(address)
+        open_channel(address, config.credentials)
         for address in (config.scheduler_addr, config.cache_addr, config.billing_addr)
     ]
     scheduler, cache, billing = channels
     servicer = RouterServicer(
         config,
         catalog,
-        Authenticator(redis_client),
+        Authenticator(KeyStore(redis_client), config.key_cache_s),
+        Quota(Accounts(redis_client), config.quota),
         scheduler_pb2_grpc.SchedulerServiceStub(scheduler),
         cache_pb2_grpc.CacheServiceStub(cache),
         billing_pb2_grpc.BillingServiceStub(billing),

@@ -1,99 +1,75 @@
 """API keys: callers present one, the router maps it to a tenant.
 
-Keys are stored only as SHA-256 hashes in a Redis hash shared by every router replica, so a
-leaked Redis dump reveals no usable key. A key is random (256 bits) and shown once, when it
-is issued. Run `python -m services.router.auth issue --tenant NAME` to issue one.
+Keys live in the shared key store (`libs/apikeys.py`), hashed. Operators issue, list and
+revoke them with AdminService (billing's port), or issue one from a shell with
+`python -m services.router.auth issue --tenant NAME`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import secrets
 import time
 from collections.abc import Sequence
 
 import grpc
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from libs.apikeys import KeyStore, hash_key, issue_key_at
 from libs.config import redis_url
+from libs.credentials import bearer
 from libs.errors import ShepherdError
-from libs.server import open_redis
 
-KEYS_HASH = "shepherd:auth:api_keys"
-KEY_PREFIX = "sk-shepherd-"
-
-
-def hash_key(key: str) -> str:
-    """The stored form of a key."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-async def issue_key(client: redis.Redis, tenant: str) -> str:
-    """Create a new key for `tenant`, store its hash, and return the key (shown only now)."""
-    if not tenant or not tenant.replace("-", "").replace("_", "").isalnum():
-        raise ValueError("tenant must be letters, digits, '-' or '_'")
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    await client.hset(KEYS_HASH, hash_key(key), tenant)
-    return key
+# A revoked key must stop working on every router replica within 5 s (issue 7).
+MAX_CACHE_TTL_S = 5.0
 
 
 class Authenticator:
     """Resolves the `authorization: Bearer <key>` metadata to a tenant.
 
-    Positive answers are remembered for a short time so the hot path usually skips Redis; a
-    revoked key therefore stops working within `cache_ttl_s`.
+    Positive answers are remembered for `cache_ttl_s` (at most 5 s) so the hot path usually
+    skips Redis; a revoked key therefore stops working on every replica within that time.
     """
 
-    def __init__(self, client: redis.Redis, cache_ttl_s: float = 10.0) -> None:
-        self._client = client
+    def __init__(self, keys: KeyStore, cache_ttl_s: float = 2.0) -> None:
+        if not 0.0 <= cache_ttl_s <= MAX_CACHE_TTL_S:
+            raise ValueError(f"cache_ttl_s must be between 0 and {MAX_CACHE_TTL_S} seconds")
+        self._keys = keys
         self._cache_ttl_s = cache_ttl_s
         self._known: dict[str, tuple[str, float]] = {}
 
     async def tenant_for(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-        header = ""
-        for name, value in metadata or ():
-            if name == "authorization" and isinstance(value, str):
-                header = value
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        key = bearer(metadata)
+        if not key:
             raise ShepherdError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing API key: send metadata 'authorization: Bearer <key>'"
                 " (grpcurl: -H 'authorization: Bearer <key>')",
             )
-        digest = hash_key(key.strip())
+        digest = hash_key(key)
         now = time.monotonic()
         cached = self._known.get(digest)
         if cached is not None and cached[1] > now:
             return cached[0]
         try:
-            tenant = await self._client.hget(KEYS_HASH, digest)
+            tenant = await self._keys.tenant_of(key)
         except RedisError as error:
             raise ShepherdError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"cannot check the API key: the key store is unreachable ({error})",
             ) from error
         if tenant is None:
+            self._known.pop(digest, None)
             raise ShepherdError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "invalid API key: it is not registered with Shepherd"
-                " (issue one with `python -m services.router.auth issue --tenant NAME`)",
+                "invalid API key: it is not registered with Shepherd, or it was revoked"
+                " (issue one with AdminService/IssueKey or"
+                " `python -m services.router.auth issue --tenant NAME`)",
             )
-        name = tenant.decode()
-        self._known[digest] = (name, now + self._cache_ttl_s)
-        return name
-
-
-async def issue_key_at(url: str, tenant: str) -> str:
-    """Issue a key through a short-lived connection (operators' CLI and the local launcher)."""
-    client = open_redis(url, 5.0)
-    try:
-        return await issue_key(client, tenant)
-    finally:
-        await client.aclose()
+        if len(self._known) > 100_000:
+            self._known.clear()  # bounded memory against a flood of distinct valid keys
+        self._known[digest] = (tenant, now + self._cache_ttl_s)
+        return tenant
 
 
 def main(argv: Sequence[str] | None = None) -> None:

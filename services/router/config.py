@@ -7,13 +7,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.config import (
+    ConfigError,
     ServerConfig,
     TelemetryConfig,
     catalog_path,
+    env_bool,
     env_float,
     peer_address,
     redis_url,
 )
+from libs.credentials import Credentials
+from services.router.auth import MAX_CACHE_TTL_S
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """How the router reserves budgets and applies rate limits (services/router/quota.py)."""
+
+    # When the accounts store cannot be reached: refuse (False, the default) or let the
+    # request through unreserved and unlimited (True), logging each time.
+    fail_open: bool
+    # A reservation outlives its request's deadline by this much before it is released
+    # automatically, so a router that dies never leaves money reserved for ever.
+    lease_grace_s: float
+    # How long a request waits for other requests' reservations to settle when only they
+    # stand between it and the budget, before it is refused.
+    budget_wait_s: float
 
 
 @dataclass(frozen=True)
@@ -22,6 +41,7 @@ class RouterConfig:
 
     server: ServerConfig
     telemetry: TelemetryConfig
+    credentials: Credentials
     catalog: Path
     redis_url: str
     scheduler_addr: str
@@ -30,12 +50,21 @@ class RouterConfig:
     cache_timeout_s: float
     billing_timeout_s: float
     default_timeout_s: float
+    key_cache_s: float
+    quota: QuotaConfig
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
+        key_cache_s = env_float("SHEPHERD_ROUTER_KEY_CACHE_S", 2.0, minimum=0.0, env=env)
+        if key_cache_s > MAX_CACHE_TTL_S:
+            raise ConfigError(
+                f"SHEPHERD_ROUTER_KEY_CACHE_S={key_cache_s} must be at most {MAX_CACHE_TTL_S}:"
+                " a revoked key must stop working within 5 seconds"
+            )
         return cls(
             server=ServerConfig.from_env("router", env),
             telemetry=TelemetryConfig.from_env("router", env),
+            credentials=Credentials.from_env(env),
             catalog=catalog_path(env),
             redis_url=redis_url(env),
             scheduler_addr=peer_address("scheduler", env),
@@ -50,5 +79,15 @@ class RouterConfig:
             # Applies when the caller set no gRPC deadline, so nothing waits forever.
             default_timeout_s=env_float(
                 "SHEPHERD_ROUTER_DEFAULT_TIMEOUT_S", 120.0, minimum=0.01, env=env
+            ),
+            key_cache_s=key_cache_s,
+            quota=QuotaConfig(
+                fail_open=env_bool("SHEPHERD_QUOTA_FAIL_OPEN", False, env),
+                lease_grace_s=env_float(
+                    "SHEPHERD_ROUTER_LEASE_GRACE_S", 30.0, minimum=0.1, env=env
+                ),
+                budget_wait_s=env_float(
+                    "SHEPHERD_ROUTER_BUDGET_WAIT_S", 10.0, minimum=0.0, env=env
+                ),
             ),
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.config import ServerConfig, TelemetryConfig, catalog_path, env_float, env_int
+from libs.credentials import Credentials
 from services.scheduler.nodes import HealthConfig
 from services.scheduler.placement import PlacementConfig
 
@@ -17,6 +18,7 @@ class SchedulerConfig:
 
     server: ServerConfig
     telemetry: TelemetryConfig
+    credentials: Credentials
     catalog: Path
     hosted_timeout_s: float
     hosted_max_retries: int
@@ -30,6 +32,7 @@ class SchedulerConfig:
         return cls(
             server=ServerConfig.from_env("scheduler", env),
             telemetry=TelemetryConfig.from_env("scheduler", env),
+            credentials=Credentials.from_env(env),
             catalog=catalog_path(env),
             hosted_timeout_s=env_float("SHEPHERD_HOSTED_TIMEOUT_S", 60.0, minimum=0.01, env=env),
             hosted_max_retries=env_int("SHEPHERD_HOSTED_MAX_RETRIES", 3, minimum=0, env=env),

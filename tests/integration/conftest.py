@@ -13,9 +13,11 @@ from shepherd.billing.v1 import billing_pb2_grpc
 from shepherd.router.v1 import router_pb2_grpc
 
 from deploy.local.launcher import LocalMesh, MeshConfig
-from services.router.auth import issue_key_at
+from libs.apikeys import issue_key_at
 from tests.support.catalog import write_test_catalog
 from tests.support.otlp_receiver import OtlpReceiver
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
@@ -72,6 +74,12 @@ def router(router_channel: grpc.Channel) -> router_pb2_grpc.RouterServiceStub:
 def billing(mesh: LocalMesh) -> Iterator[billing_pb2_grpc.BillingServiceStub]:
     with grpc.insecure_channel(mesh.address("billing")) as channel:
         yield billing_pb2_grpc.BillingServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def admin_md(mesh: LocalMesh) -> Metadata:
+    """The metadata of an operator's call: the mesh's admin key."""
+    return (("authorization", f"Bearer {mesh.config.admin_key}"),)
 
 
 @pytest.fixture

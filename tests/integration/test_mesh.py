@@ -21,6 +21,7 @@ from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from deploy.local.launcher import LocalMesh
 from libs.catalog import load_catalog
 from libs.config import DEFAULT_CATALOG, REPO_ROOT
+from tests.integration.conftest import Metadata
 from tests.support.catalog import OFFLINE_MODEL
 from tests.support.otlp_receiver import OtlpReceiver
 
@@ -91,6 +92,7 @@ def test_chat_on_hosted_api_returns_text_usage_cost_and_placement(
 def test_billing_shows_each_request_once(
     router: router_pb2_grpc.RouterServiceStub,
     billing: billing_pb2_grpc.BillingServiceStub,
+    admin_md: Metadata,
     tenant: tuple[str, str],
 ) -> None:
     name, key = tenant
@@ -107,7 +109,9 @@ def test_billing_shows_each_request_once(
     assert retried.request_id == on_hosted.request_id
     assert retried.cost.nano_usd == on_hosted.cost.nano_usd
 
-    totals = billing.GetTenantUsage(billing_pb2.GetTenantUsageRequest(tenant=name), timeout=5)
+    totals = billing.GetTenantUsage(
+        billing_pb2.GetTenantUsageRequest(tenant=name), metadata=admin_md, timeout=5
+    )
     assert totals.requests == 2
     assert totals.cost.nano_usd == on_triton.cost.nano_usd + on_hosted.cost.nano_usd
     assert totals.usage.completion_tokens == (
@@ -122,6 +126,7 @@ def test_billing_shows_each_request_once(
 def test_repeated_deterministic_request_is_a_cache_hit(
     router: router_pb2_grpc.RouterServiceStub,
     billing: billing_pb2_grpc.BillingServiceStub,
+    admin_md: Metadata,
     tenant: tuple[str, str],
 ) -> None:
     name, key = tenant
@@ -133,7 +138,9 @@ def test_repeated_deterministic_request_is_a_cache_hit(
     assert second.text == first.text
     assert second.usage == first.usage
     assert second.cost.nano_usd == 0
-    totals = billing.GetTenantUsage(billing_pb2.GetTenantUsageRequest(tenant=name), timeout=5)
+    totals = billing.GetTenantUsage(
+        billing_pb2.GetTenantUsageRequest(tenant=name), metadata=admin_md, timeout=5
+    )
     assert totals.cost.nano_usd == first.cost.nano_usd
     assert {m.model: m.cache_hits for m in totals.models} == {"shepherd-tiny": 1}
 
@@ -324,12 +331,16 @@ def test_an_operator_reads_the_scheduler_state_with_grpcurl(
     router.Chat(
         chat_request("tiny", f"count me {uuid.uuid4().hex}"), metadata=auth(key), timeout=TIMEOUT_S
     )
+    call = [mesh.address("scheduler"), "shepherd.scheduler.v1.SchedulerService/GetStats"]
+    # Without the admin key the operator is told what to send.
+    refused = subprocess.run(
+        [GRPCURL, "-plaintext", "-d", "{}", *call], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode != 0 and "Unauthenticated" in refused.stderr
+    assert "authorization: Bearer <admin key>" in refused.stderr
     stats = json.loads(
         grpcurl(
-            "-d",
-            '{"model": "tiny"}',
-            mesh.address("scheduler"),
-            "shepherd.scheduler.v1.SchedulerService/GetStats",
+            "-H", f"authorization: Bearer {mesh.config.admin_key}", "-d", '{"model": "tiny"}', *call
         )
     )
     [model] = stats["models"]

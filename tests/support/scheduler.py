@@ -25,6 +25,13 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from deploy.local.ports import free_port
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
+from libs.credentials import Credentials
+from libs.server import open_channel
+
+# The service token and admin key every scheduler started by the tests is given.
+TEST_CREDENTIALS = Credentials(
+    internal_tokens=("test-internal-token-0123456789",), admin_keys=("test-admin-key-0123456789",)
+)
 
 TINY_LM = DEFAULT_MODEL_REPOSITORY / "tiny_lm"
 
@@ -125,6 +132,8 @@ class SchedulerProcess:
             "SHEPHERD_SCHEDULER_PORT": str(self.port),
             "SHEPHERD_SCHEDULER_HEALTH_INTERVAL_S": "0.2",
             "SHEPHERD_HOSTED_API_KEY": "",
+            "SHEPHERD_INTERNAL_TOKEN": TEST_CREDENTIALS.internal_tokens[0],
+            "SHEPHERD_ADMIN_KEYS": TEST_CREDENTIALS.admin_keys[0],
             **(env or {}),
         }
         self._process = None
@@ -187,3 +196,8 @@ def infer_request(
 
 def stub(channel: grpc.aio.Channel) -> scheduler_pb2_grpc.SchedulerServiceStub:
     return scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+
+def internal_channel(address: str) -> grpc.aio.Channel:
+    """A channel that calls as the router does: with the service token on every call."""
+    return open_channel(address, TEST_CREDENTIALS)

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import pytest
 import redis.asyncio as redis
 
 from deploy.local.ports import free_port
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
+from libs.accounts import Accounts
+from libs.accounts import Aggregate as Totals
+from libs.errors import ShepherdError
 from libs.server import open_redis
-from services.billing.ledger import Ledger, Totals, UsageEntry
+from services.billing.ledger import Bucket, Ledger, UsageEntry, report_range
+
+NOON = dt.datetime(2026, 11, 21, 12, tzinfo=dt.UTC)
+
+
+def ledger_of(client: redis.Redis) -> Ledger:
+    return Ledger(Accounts(client), retention_s=35 * 86_400)
+
+
+async def billed(ledger: Ledger, usage: UsageEntry) -> tuple[int, bool]:
+    recorded = await ledger.record(usage)
+    return recorded.cost_nano, recorded.duplicate
 
 
 def entry(
@@ -22,6 +37,7 @@ def entry(
     completion: int = 20,
     cost: int = 36_400,
     cache_hit: bool = False,
+    at: dt.datetime = NOON,
 ) -> UsageEntry:
     return UsageEntry(
         request_id=request_id,
@@ -32,17 +48,17 @@ def entry(
         completion_tokens=completion,
         cost_nano=cost,
         cache_hit=cache_hit,
-        recorded_at_ms=1_700_000_000_000,
+        recorded_at=at,
     )
 
 
 async def test_same_request_id_bills_once(client: redis.Redis) -> None:
-    ledger = Ledger(client)
+    ledger = ledger_of(client)
 
-    assert await ledger.record(entry("req-1", cost=36_400)) == (36_400, False)
+    assert await billed(ledger, entry("req-1", cost=36_400)) == (36_400, False)
     # A retry of the same request, even with different numbers, is not billed again and
     # reports what was billed the first time.
-    assert await ledger.record(entry("req-1", cost=99_999, prompt=5)) == (36_400, True)
+    assert await billed(ledger, entry("req-1", cost=99_999, prompt=5)) == (36_400, True)
 
     totals = await ledger.tenant_totals("acme")
     assert totals.overall == Totals(
@@ -51,13 +67,13 @@ async def test_same_request_id_bills_once(client: redis.Redis) -> None:
 
 
 async def test_unknown_tenant_has_zero_totals(client: redis.Redis) -> None:
-    totals = await Ledger(client).tenant_totals("nobody")
+    totals = await ledger_of(client).tenant_totals("nobody")
     assert totals.overall == Totals()
     assert totals.models == {}
 
 
 async def test_totals_per_tenant_and_model_add_up_exactly(client: redis.Redis) -> None:
-    ledger = Ledger(client)
+    ledger = ledger_of(client)
     await ledger.record(entry("a1", model="gpt-4.1", prompt=1_000, completion=500, cost=6_000_000))
     await ledger.record(entry("a2", model="gpt-4.1", prompt=10, completion=1, cost=28_000))
     await ledger.record(entry("a3", model="deepseek-v3.2", prompt=7, completion=3, cost=3_220))
@@ -84,7 +100,7 @@ async def test_totals_per_tenant_and_model_add_up_exactly(client: redis.Redis) -
 
 
 async def test_large_amounts_stay_exact(client: redis.Redis) -> None:
-    ledger = Ledger(client)
+    ledger = ledger_of(client)
     big = 4_000_000_000_000_000_001  # beyond float precision (2**53), inside int64
     await ledger.record(entry("big-1", cost=big))
     await ledger.record(entry("big-2", cost=1))
@@ -94,7 +110,7 @@ async def test_large_amounts_stay_exact(client: redis.Redis) -> None:
 
 
 async def test_model_names_with_colons_keep_their_totals(client: redis.Redis) -> None:
-    ledger = Ledger(client)
+    ledger = ledger_of(client)
     await ledger.record(entry("c1", model="org:model:v2", cost=5))
 
     totals = await ledger.tenant_totals("acme")
@@ -107,7 +123,7 @@ async def test_concurrent_duplicates_bill_each_request_exactly_once(valkey: Valk
     client = open_redis(valkey.config.url, 5.0, max_connections=20)
     try:
         await client.flushdb()
-        await check_concurrent_duplicates(Ledger(client))
+        await check_concurrent_duplicates(ledger_of(client))
     finally:
         await client.aclose()
 
@@ -115,7 +131,7 @@ async def test_concurrent_duplicates_bill_each_request_exactly_once(valkey: Valk
 async def check_concurrent_duplicates(ledger: Ledger) -> None:
     entries = [entry(f"conc-{i}", prompt=i, completion=2 * i, cost=1_000 + i) for i in range(100)]
 
-    results = await asyncio.gather(*(ledger.record(e) for e in entries + entries[::-1]))
+    results = await asyncio.gather(*(billed(ledger, e) for e in entries + entries[::-1]))
 
     assert sum(1 for _, duplicate in results if duplicate) == 100
     first, second = results[:100], results[100:][::-1]
@@ -138,7 +154,7 @@ async def test_totals_survive_a_valkey_restart(
     try:
         client = open_redis(server.config.url, 2.0)
         try:
-            ledger = Ledger(client)
+            ledger = ledger_of(client)
             for i in range(10):
                 await ledger.record(entry(f"r{i}", cost=123_456_789 + i))
             before = await ledger.tenant_totals("acme")
@@ -149,10 +165,10 @@ async def test_totals_survive_a_valkey_restart(
 
         client = open_redis(server.config.url, 2.0)
         try:
-            ledger = Ledger(client)
+            ledger = ledger_of(client)
             after = await ledger.tenant_totals("acme")
             # The request ids survived too: a retry after the restart is still a duplicate.
-            assert await ledger.record(entry("r3", cost=1)) == (123_456_792, True)
+            assert await billed(ledger, entry("r3", cost=1)) == (123_456_792, True)
         finally:
             await client.aclose()
     finally:
@@ -160,3 +176,41 @@ async def test_totals_survive_a_valkey_restart(
 
     assert before.overall.requests == 10
     assert after == before
+
+
+async def test_report_groups_by_day_and_model_and_shows_only_the_tenant(
+    client: redis.Redis,
+) -> None:
+    ledger = ledger_of(client)
+    day_before = NOON - dt.timedelta(days=1)
+    await ledger.record(entry("a1", model="gpt-4.1", cost=100, at=day_before))
+    await ledger.record(entry("a2", model="gpt-4.1", cost=200))
+    await ledger.record(entry("a3", model="deepseek-v3.2", cost=0, cache_hit=True))
+    await ledger.record(entry("b1", tenant="globex", model="gpt-4.1", cost=999))
+
+    report = await ledger.report("acme", day_before.date(), NOON.date())
+    assert [(b.day, b.model, b.usage.requests, b.usage.cost_nano) for b in report] == [
+        ("2026-11-20", "gpt-4.1", 1, 100),
+        ("2026-11-21", "deepseek-v3.2", 1, 0),
+        ("2026-11-21", "gpt-4.1", 1, 200),
+    ]
+    assert isinstance(report[0], Bucket) and report[1].usage.cache_hits == 1
+    assert (
+        await ledger.report(
+            "acme", NOON.date() + dt.timedelta(days=1), NOON.date() + dt.timedelta(days=2)
+        )
+        == []
+    )
+
+
+def test_report_range_defaults_to_thirty_days_and_refuses_nonsense() -> None:
+    today = NOON.date()
+    assert report_range("", "", today) == (today - dt.timedelta(days=29), today)
+    assert report_range("2026-11-01", "2026-11-02", today) == (
+        dt.date(2026, 11, 1),
+        dt.date(2026, 11, 2),
+    )
+    for start, end in [("yesterday", ""), ("2026-11-05", "2026-11-01"), ("2020-01-01", "")]:
+        with pytest.raises(ShepherdError) as caught:
+            report_range(start, end, today)
+        assert "start_day" in caught.value.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import grpc
@@ -9,9 +10,15 @@ import pytest
 import redis.asyncio as redis
 
 from deploy.local.ports import free_port
+from libs.apikeys import KEY_PREFIX, KEYS_HASH, KeyStore
 from libs.errors import ShepherdError
 from libs.server import open_redis
-from services.router.auth import KEY_PREFIX, KEYS_HASH, Authenticator, issue_key
+from services.router.auth import Authenticator
+
+
+async def issue_key(client: redis.Redis, tenant: str) -> str:
+    key, _ = await KeyStore(client).issue(tenant)
+    return key
 
 
 def bearer(key: str) -> list[tuple[str, str]]:
@@ -21,7 +28,7 @@ def bearer(key: str) -> list[tuple[str, str]]:
 async def test_issued_key_maps_to_its_tenant(client: redis.Redis) -> None:
     acme_key = await issue_key(client, "acme")
     globex_key = await issue_key(client, "globex_2")
-    auth = Authenticator(client)
+    auth = Authenticator(KeyStore(client))
 
     assert acme_key.startswith(KEY_PREFIX)
     assert acme_key != globex_key
@@ -59,7 +66,7 @@ async def test_missing_or_malformed_header_is_unauthenticated(
     client: redis.Redis, metadata: list[tuple[str, str]] | None
 ) -> None:
     with pytest.raises(ShepherdError) as caught:
-        await Authenticator(client).tenant_for(metadata)
+        await Authenticator(KeyStore(client)).tenant_for(metadata)
 
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert "authorization: Bearer <key>" in caught.value.message
@@ -71,7 +78,7 @@ async def test_unknown_key_is_unauthenticated_and_says_how_to_get_one(
     await issue_key(client, "acme")
 
     with pytest.raises(ShepherdError) as caught:
-        await Authenticator(client).tenant_for(bearer("sk-shepherd-not-a-real-key"))
+        await Authenticator(KeyStore(client)).tenant_for(bearer("sk-shepherd-not-a-real-key"))
 
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert "not registered" in caught.value.message
@@ -81,10 +88,13 @@ async def test_unknown_key_is_unauthenticated_and_says_how_to_get_one(
 
 async def test_revoked_key_stops_working_after_the_cache_ttl(client: redis.Redis) -> None:
     key = await issue_key(client, "acme")
-    auth = Authenticator(client, cache_ttl_s=0.0)
+    keys = KeyStore(client)
+    auth = Authenticator(keys, cache_ttl_s=0.0)
     assert await auth.tenant_for(bearer(key)) == "acme"
 
-    await client.hdel(KEYS_HASH, hashlib.sha256(key.encode()).hexdigest())
+    (info,) = await keys.list("acme")
+    assert hashlib.sha256(key.encode()).hexdigest().startswith(info.key_id.removeprefix("key_"))
+    assert await keys.revoke(info.key_id) == info
 
     with pytest.raises(ShepherdError) as caught:
         await auth.tenant_for(bearer(key))
@@ -95,7 +105,7 @@ async def test_unreachable_key_store_is_unavailable_not_unauthenticated() -> Non
     client = open_redis(f"redis://127.0.0.1:{free_port()}/0", 0.25)
     try:
         with pytest.raises(ShepherdError) as caught:
-            await Authenticator(client).tenant_for(bearer("sk-shepherd-whatever"))
+            await Authenticator(KeyStore(client)).tenant_for(bearer("sk-shepherd-whatever"))
     finally:
         await client.aclose()
 
@@ -108,3 +118,38 @@ async def test_issue_key_rejects_bad_tenant_names(client: redis.Redis, tenant: s
     with pytest.raises(ValueError, match="tenant"):
         await issue_key(client, tenant)
     assert await client.hlen(KEYS_HASH) == 0
+
+
+async def test_keys_are_listed_by_prefix_and_tenant_never_by_secret(client: redis.Redis) -> None:
+    keys = KeyStore(client)
+    first, first_info = await keys.issue("acme")
+    second, _ = await keys.issue("globex")
+    third, third_info = await keys.issue("acme")
+
+    listed = await keys.list("acme")
+    assert [k.key_id for k in listed] == [third_info.key_id, first_info.key_id]
+    assert all(k.tenant == "acme" for k in listed)
+    assert first.startswith(first_info.prefix) and len(first_info.prefix) < len(first) // 2
+    assert {k.tenant for k in await keys.list()} == {"acme", "globex"}
+    for info in await keys.list():
+        assert all(secret not in repr(info) for secret in (first, second, third))
+
+
+async def test_a_revoked_key_is_refused_once_the_short_cache_lapses(client: redis.Redis) -> None:
+    keys = KeyStore(client)
+    key, info = await keys.issue("acme")
+    auth = Authenticator(keys, cache_ttl_s=0.2)
+    assert await auth.tenant_for(bearer(key)) == "acme"
+    await keys.revoke(info.key_id)
+    assert await auth.tenant_for(bearer(key)) == "acme"  # still cached, for at most 0.2 s
+    await asyncio.sleep(0.25)
+    with pytest.raises(ShepherdError) as caught:
+        await auth.tenant_for(bearer(key))
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in caught.value.message
+    assert await keys.revoke(info.key_id) is None
+
+
+def test_the_key_cache_can_never_outlast_five_seconds(client: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="5"):
+        Authenticator(KeyStore(client), cache_ttl_s=6.0)

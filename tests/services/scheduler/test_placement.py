@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import tritonclient.grpc as triton_sync
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -23,6 +22,7 @@ from tests.support.scheduler import (
     SchedulerProcess,
     catalog,
     infer_request,
+    internal_channel,
     model_repository,
     start_node,
 )
@@ -68,7 +68,7 @@ async def test_loads_on_first_use_evicts_the_idle_lru_model_and_never_a_busy_one
     node: TritonNode, scheduler: SchedulerProcess
 ) -> None:
     assert loaded_on(node) == set()
-    async with grpc.aio.insecure_channel(scheduler.address) as channel:
+    async with internal_channel(scheduler.address) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
         # First use: three concurrent requests wait for one load instead of failing.

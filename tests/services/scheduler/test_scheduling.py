@@ -31,6 +31,7 @@ from tests.support.scheduler import (
     SchedulerProcess,
     catalog,
     infer_request,
+    internal_channel,
     model_repository,
     start_node,
 )
@@ -83,7 +84,7 @@ async def channel_to() -> AsyncIterator[Callable[[SchedulerProcess], Any]]:
     channels: list[grpc.aio.Channel] = []
 
     def open_stub(process: SchedulerProcess) -> scheduler_pb2_grpc.SchedulerServiceStub:
-        channel = grpc.aio.insecure_channel(process.address)
+        channel = internal_channel(process.address)
         channels.append(channel)
         return scheduler_pb2_grpc.SchedulerServiceStub(channel)
 

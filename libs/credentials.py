@@ -1,0 +1,227 @@
+"""Service credentials: who may call the scheduler, cache and billing, and AdminService.
+
+Why: the internal ports used to trust anyone who could reach them, so any pod could bill any
+tenant, read any tenant's usage, write cache entries or run unbilled inference. Now every
+internal call carries a shared service token (`SHEPHERD_INTERNAL_TOKEN`, a Kubernetes Secret
+in a cluster) in the `x-shepherd-internal-token` metadata entry, and operators' calls carry an
+admin key (`SHEPHERD_ADMIN_KEYS`) as `authorization: Bearer <key>`. Both are comma-separated
+lists: the first token is the one sent and every listed one is accepted, so a secret rotates
+without downtime (deploy the new value second, then first, then drop the old one).
+
+Health checks and reflection stay open, for Kubernetes probes and `grpcurl list`. The token
+authenticates the calling service; it does not encrypt. Where pods talk over an untrusted
+network, run a service mesh (Linkerd, Istio) for mTLS as well (deploy/k8s/README.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from libs.config import ConfigError, env_str
+
+INTERNAL_TOKEN_HEADER = "x-shepherd-internal-token"
+MIN_SECRET_CHARS = 16
+# Open to everyone: liveness/readiness probes and service discovery carry no secrets.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class Access(enum.Enum):
+    """Which credential a method needs."""
+
+    INTERNAL = "internal"  # the service token: calls between Shepherd's own services
+    ADMIN = "admin"  # an admin key: AdminService
+    INTERNAL_OR_ADMIN = "internal-or-admin"  # operators' read-only calls, and the router
+
+
+def _secrets(name: str, env: Mapping[str, str] | None) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in env_str(name, "", env).split(",") if v.strip())
+    short = [v for v in values if len(v) < MIN_SECRET_CHARS]
+    if short:
+        raise ConfigError(
+            f"{name}: every value must be at least {MIN_SECRET_CHARS} characters"
+            " (generate one with `openssl rand -hex 32`)"
+        )
+    return values
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The secrets one process holds: service tokens, and admin keys where it serves admins."""
+
+    internal_tokens: tuple[str, ...]
+    admin_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Credentials:
+        tokens = _secrets("SHEPHERD_INTERNAL_TOKEN", env)
+        if not tokens:
+            raise ConfigError(
+                "SHEPHERD_INTERNAL_TOKEN is not set: Shepherd's services authenticate each "
+                "other with a shared token; give every service the same value (generate one "
+                "with `openssl rand -hex 32`; `make run` makes one for you)"
+            )
+        return cls(internal_tokens=tokens, admin_keys=_secrets("SHEPHERD_ADMIN_KEYS", env))
+
+    def outbound_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call to a peer service carries."""
+        return ((INTERNAL_TOKEN_HEADER, self.internal_tokens[0]),)
+
+
+def _one_of(presented: str, accepted: Sequence[str]) -> bool:
+    """Constant-time comparison against every accepted secret, so timing reveals nothing."""
+    found = False
+    for secret in accepted:
+        found |= hmac.compare_digest(presented.encode(), secret.encode())
+    return found
+
+
+def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str:
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str):
+            return value
+    return ""
+
+
+def bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The key of an `authorization: Bearer <key>` entry, or "" when there is none."""
+    scheme, _, key = _metadata_value(metadata, "authorization").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def check_access(
+    credentials: Credentials,
+    access: Access,
+    metadata: Sequence[tuple[str, str | bytes]] | None,
+) -> tuple[grpc.StatusCode, str] | None:
+    """None when the metadata carries what `access` needs, else the status and why."""
+    token = _metadata_value(metadata, INTERNAL_TOKEN_HEADER)
+    admin = bearer(metadata)
+    token_ok = bool(token) and _one_of(token, credentials.internal_tokens)
+    admin_ok = (
+        bool(admin) and bool(credentials.admin_keys) and _one_of(admin, credentials.admin_keys)
+    )
+    if access is Access.INTERNAL and token_ok:
+        return None
+    if access is Access.ADMIN and admin_ok:
+        return None
+    if access is Access.INTERNAL_OR_ADMIN and (token_ok or admin_ok):
+        return None
+    if token and not token_ok:
+        return grpc.StatusCode.UNAUTHENTICATED, (
+            f"the service token in '{INTERNAL_TOKEN_HEADER}' is not valid: it must equal one of"
+            " SHEPHERD_INTERNAL_TOKEN's values on this service"
+        )
+    if admin and not admin_ok:
+        reason = "is not valid" if credentials.admin_keys else "cannot be checked"
+        hint = "" if credentials.admin_keys else ": no admin keys are set (SHEPHERD_ADMIN_KEYS)"
+        return grpc.StatusCode.UNAUTHENTICATED, f"the admin key {reason}{hint}"
+    if access is Access.ADMIN:
+        if token_ok:
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                "this method needs an admin key; the service token does not grant admin rights"
+            )
+        return grpc.StatusCode.UNAUTHENTICATED, (
+            "this method needs an admin key: send metadata 'authorization: Bearer <admin key>'"
+            " (one of SHEPHERD_ADMIN_KEYS; grpcurl: -H 'authorization: Bearer <admin key>')"
+        )
+    if access is Access.INTERNAL_OR_ADMIN:
+        return grpc.StatusCode.UNAUTHENTICATED, (
+            "this is an internal Shepherd service: send an admin key as 'authorization: Bearer"
+            f" <admin key>', or the service token in '{INTERNAL_TOKEN_HEADER}'"
+        )
+    return grpc.StatusCode.UNAUTHENTICATED, (
+        "this is an internal Shepherd service: only Shepherd's own services may call it, with"
+        f" the service token in metadata '{INTERNAL_TOKEN_HEADER}' (SHEPHERD_INTERNAL_TOKEN)"
+    )
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same shape as `handler` that refuses every call with `code`."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - abort raises; this makes the function a generator
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls that lack the credential their method needs, before any servicer runs.
+
+    `rules` maps a full method name (`/pkg.Service/Method`) or a service prefix
+    (`/pkg.Service/`) to its Access; other methods need the service token.
+    """
+
+    def __init__(self, credentials: Credentials, rules: Mapping[str, Access] | None = None) -> None:
+        self._credentials = credentials
+        self._rules = dict(rules or {})
+
+    def _access(self, method: str) -> Access | None:
+        if method.startswith(OPEN_PREFIXES):
+            return None
+        if method in self._rules:
+            return self._rules[method]
+        service = method[: method.rfind("/") + 1]
+        return self._rules.get(service, Access.INTERNAL)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        access = self._access(handler_call_details.method)
+        handler = await continuation(handler_call_details)
+        if access is None or handler is None:
+            return handler
+        refusal = check_access(
+            self._credentials,
+            access,
+            handler_call_details.invocation_metadata,  # type: ignore[arg-type]
+        )
+        if refusal is None:
+            return handler
+        return _refusal(handler, *refusal)
+
+
+class TokenClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    """Adds the service token to every call on a peer channel, so no call can forget it."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._extra = credentials.outbound_metadata()
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._extra)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
