@@ -120,6 +120,7 @@ class Batcher:
     def submit(self, item: PendingRequest, retry_after_s: float) -> None:
         """Queue a request (or refuse it, see ModelQueue.admit) and wake the loop."""
         self.queue.admit(item, retry_after_s)
+        self.stats.tenant_admitted(item.tenant)
         self._wake.set()
 
     def _due_in(self, now: float) -> float:
@@ -165,7 +166,9 @@ class Batcher:
                 if slot is not None:
                     slot.release()
                 continue
-            self.stats.batch(len(batch), [(now - item.enqueued_at) * 1000 for item in batch])
+            self.stats.batch(
+                len(batch), [(item.tenant, (now - item.enqueued_at) * 1000) for item in batch]
+            )
             task = asyncio.create_task(self._dispatch(slot, batch, error))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -183,6 +186,15 @@ class Batcher:
                 item.settle(
                     ShepherdError(grpc.StatusCode.INTERNAL, "the batch failed unexpectedly")
                 )
+        finally:
+            # Every request of the batch has its answer by now; count completions per tenant.
+            self.stats.tenants_completed(item.tenant for item in batch if _completed(item))
+
+
+def _completed(item: PendingRequest) -> bool:
+    """Whether the request was answered with a completion (not an error, not cancelled)."""
+    future = item.future
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 __all__ = ["BatchRunner", "Batcher", "PendingRequest", "Slot", "WaiterKey"]

@@ -18,7 +18,7 @@ from services.scheduler.batcher import Batcher
 from services.scheduler.nodes import ModelState, NodePool, NodeState
 from services.scheduler.placement import LOAD, LOAD_FAILED, UNLOAD, Placer
 from services.scheduler.queue import CLASSES, PendingRequest
-from services.scheduler.stats import percentile
+from services.scheduler.stats import ModelStats, TenantStats, percentile
 
 _ROLES = {
     common_pb2.ROLE_SYSTEM: "system",
@@ -82,6 +82,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             span_context=trace.get_current_span().get_span_context(),
             priority=request.priority,
             self_hosted_only=request.self_hosted_only,
+            weight=self._catalog.tenant(request.tenant).weight,
         )
         # If the caller cancels, awaiting cancels the future too: the request leaves the
         # queue at once and is never dispatched.
@@ -132,6 +133,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     dispatch_latency_p50_ms=percentile(stats.dispatch_ms, 0.5),
                     dispatch_latency_p99_ms=percentile(stats.dispatch_ms, 0.99),
                     estimated_wait_ms=batcher.estimated_wait_s(1) * 1000,
+                    tenants=_tenant_stats(stats, queue.tenant_depths()),
                 )
             )
         for pool in self._pools.values():
@@ -167,3 +169,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             for e in events
         )
         return response
+
+
+def _tenant_stats(
+    stats: ModelStats, depths: Mapping[str, int]
+) -> list[scheduler_pb2.TenantQueueStats]:
+    """One entry per tenant tracked or queued now, by name; reading does not mark it as seen."""
+    entries = []
+    for name in sorted(set(stats.tenants) | set(depths)):
+        tenant = stats.tenants.get(name) or TenantStats()
+        entries.append(
+            scheduler_pb2.TenantQueueStats(
+                tenant=name,
+                queue_depth=depths.get(name, 0),
+                admitted=tenant.admitted,
+                completed=tenant.completed,
+                queue_wait_p50_ms=percentile(tenant.queue_wait_ms, 0.5),
+                queue_wait_p99_ms=percentile(tenant.queue_wait_ms, 0.99),
+            )
+        )
+    return entries

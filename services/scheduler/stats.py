@@ -4,11 +4,17 @@ The same observations feed two readers: GetStats (exact counts since start-up an
 over a recent window, for an operator with grpcurl) and OpenTelemetry metrics (exported over
 OTLP next to the traces, for dashboards). Recording is a few integer increments and a deque
 append, cheap enough to do on every request.
+
+Per tenant, GetStats also shows admitted and completed counts and queue waits, so an operator
+can see whether fair share holds (one tenant's flood must not show up in another's waits).
+These are not exported as metrics: tenant names would make unbounded label sets. Memory stays
+bounded: each tenant keeps a small sample window, and a model tracks at most `MAX_TENANTS`
+tenants, forgetting the least recently seen beyond that.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -35,6 +41,8 @@ _placement = _meter.create_counter(
 )
 
 WINDOW = 4096  # recent samples kept for percentiles
+TENANT_WINDOW = 256  # recent queue waits kept per tenant
+MAX_TENANTS = 1024  # tenants tracked per model; the least recently seen are forgotten
 
 
 def percentile(samples: Iterable[float], q: float) -> float:
@@ -44,6 +52,15 @@ def percentile(samples: Iterable[float], q: float) -> float:
         return 0.0
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
+
+
+@dataclass
+class TenantStats:
+    """One tenant's requests through one model's queue, since it was last (re)tracked."""
+
+    admitted: int = 0
+    completed: int = 0
+    queue_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=TENANT_WINDOW))
 
 
 @dataclass
@@ -58,6 +75,28 @@ class ModelStats:
     queue_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     dispatch_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     dispatch_ema_s: float = 0.0
+    # Least recently seen first; bounded by MAX_TENANTS.
+    tenants: OrderedDict[str, TenantStats] = field(default_factory=OrderedDict)
+
+    def tenant(self, name: str) -> TenantStats:
+        """A tenant's entry, marked as just seen; beyond MAX_TENANTS the stalest is dropped."""
+        entry = self.tenants.get(name)
+        if entry is None:
+            entry = self.tenants[name] = TenantStats()
+            while len(self.tenants) > MAX_TENANTS:
+                self.tenants.popitem(last=False)
+        else:
+            self.tenants.move_to_end(name)
+        return entry
+
+    def tenant_admitted(self, tenant: str) -> None:
+        """A request of `tenant` joined the queue."""
+        self.tenant(tenant).admitted += 1
+
+    def tenants_completed(self, tenants: Iterable[str]) -> None:
+        """Requests of these tenants, taken from the queue, were answered with a completion."""
+        for tenant in tenants:
+            self.tenant(tenant).completed += 1
 
     def outcome(self, outcome: str, count: int = 1) -> None:
         """Count requests that ended in `outcome` (completed, rejected, shed, ...)."""
@@ -67,14 +106,15 @@ class ModelStats:
             self.spilled_over += count
         _requests.add(count, {"model": self.model, "outcome": outcome})
 
-    def batch(self, size: int, waits_ms: Iterable[float]) -> None:
-        """A batch of `size` left the queue; `waits_ms` are its requests' queue waits."""
+    def batch(self, size: int, waits_ms: Iterable[tuple[str, float]]) -> None:
+        """A batch of `size` left the queue; `waits_ms` are its requests' (tenant, queue wait)."""
         self.batches += 1
         self.batch_sizes[size] += 1
         attributes = {"model": self.model}
         _batch_size.record(size, attributes)
-        for wait in waits_ms:
+        for tenant, wait in waits_ms:
             self.queue_wait_ms.append(wait)
+            self.tenant(tenant).queue_wait_ms.append(wait)
             _queue_wait.record(wait, attributes)
 
     def dispatched(self, latency_s: float, where: str, primary: bool) -> None:

@@ -22,7 +22,7 @@ from libs.catalog import Batching, Deployment, Model, Price, QueuePolicy
 from libs.errors import ShepherdError
 from services.scheduler.batcher import Batcher, WaiterKey
 from services.scheduler.queue import ModelQueue, PendingRequest
-from services.scheduler.stats import ModelStats
+from services.scheduler.stats import MAX_TENANTS, ModelStats
 
 HIGH = common_pb2.PRIORITY_HIGH
 NORMAL = common_pb2.PRIORITY_NORMAL
@@ -62,12 +62,17 @@ def model(
 
 
 def pending(
-    request_id: str, priority: int = NORMAL, *, timeout_s: float = 30.0, waited_s: float = 0.0
+    request_id: str,
+    priority: int = NORMAL,
+    *,
+    timeout_s: float = 30.0,
+    waited_s: float = 0.0,
+    tenant: str = "acme",
 ) -> PendingRequest:
     now = time.monotonic()
     return PendingRequest(
         request_id=request_id,
-        tenant="acme",
+        tenant=tenant,
         messages=(("user", f"hello from {request_id}"),),
         params=common_pb2.GenerationParams(max_tokens=4),
         deadline=now + timeout_s,
@@ -539,6 +544,44 @@ async def test_close_lets_running_batches_finish(make_batcher: MakeBatcher) -> N
     runner.finish.set()
     await asyncio.wait_for(closing, PATIENCE_S)
     assert running.future.result().text == "answer to running"
+
+
+# -- per-tenant statistics ------------------------------------------------------------------
+
+
+async def test_stats_count_admitted_completed_and_queue_wait_per_tenant(
+    make_batcher: MakeBatcher,
+) -> None:
+    runner = FakeRunner(slots=0, explode=1)
+    batcher = make_batcher(runner, model(4, 10_000))
+    failing = [pending("a0", tenant="a", waited_s=0.5), pending("b0", tenant="b")]
+    failing += [pending("a1", tenant="a"), pending("a2", tenant="a")]
+    submit_all(batcher, failing)
+    assert {name: t.admitted for name, t in batcher.stats.tenants.items()} == {"a": 3, "b": 1}
+
+    runner.grant()  # the first batch explodes: answered INTERNAL, so nothing is completed
+    await until(lambda: all(item.future.done() for item in failing))
+    served = [pending(f"b{index}", tenant="b") for index in range(1, 5)]
+    submit_all(batcher, served)
+    await answers(served)
+
+    a, b = batcher.stats.tenants["a"], batcher.stats.tenants["b"]
+    assert (a.admitted, a.completed, len(a.queue_wait_ms)) == (3, 0, 3)
+    assert (b.admitted, b.completed, len(b.queue_wait_ms)) == (5, 4, 5)
+    assert max(a.queue_wait_ms) >= 500  # a0 had waited half a second before it arrived
+
+
+async def test_stats_track_a_bounded_number_of_tenants_forgetting_the_stalest() -> None:
+    stats = ModelStats("shepherd-tiny")
+    stats.tenant_admitted("first")
+    for index in range(MAX_TENANTS - 1):
+        stats.tenant_admitted(f"t{index}")
+    stats.tenant_admitted("first")  # seen again: now the most recent
+    stats.tenant_admitted("newcomer")
+
+    assert len(stats.tenants) == MAX_TENANTS
+    assert "t0" not in stats.tenants
+    assert stats.tenants["first"].admitted == 2 and "newcomer" in stats.tenants
 
 
 # -- what admission and capacity read --------------------------------------------------------

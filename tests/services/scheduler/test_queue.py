@@ -1,4 +1,5 @@
-"""One model's queue: class order, earliest deadline first, aging, the bound and its answers.
+"""One model's queue: class order, earliest deadline first, aging, the bound and its answers,
+and weighted fair share between tenants within a class.
 
 The queue runs on a fake clock, so waiting (aging, deadlines) is a number set by the test, not
 a sleep. A request's future is what its RPC handler awaits: its result or exception is what
@@ -8,6 +9,8 @@ the caller sees.
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +22,7 @@ from shepherd.common.v1 import common_pb2
 
 from libs.catalog import QueuePolicy
 from libs.errors import STATUS_DETAILS_KEY, ShepherdError
-from services.scheduler.queue import ModelQueue, PendingRequest
+from services.scheduler.queue import MAX_IDLE_TENANTS, ModelQueue, PendingRequest
 
 HIGH = common_pb2.PRIORITY_HIGH
 NORMAL = common_pb2.PRIORITY_NORMAL
@@ -56,13 +59,17 @@ def request(
     *,
     timeout_s: float = 60.0,
     waited_s: float = 0.0,
+    tenant: str = "acme",
+    weight: float = 1.0,
+    max_tokens: int = 4,
 ) -> PendingRequest:
     """A request that arrived `waited_s` ago and must be answered `timeout_s` after arrival."""
     return PendingRequest(
         request_id=request_id,
-        tenant="acme",
+        tenant=tenant,
+        weight=weight,
         messages=(("user", f"hello from {request_id}"),),
-        params=common_pb2.GenerationParams(max_tokens=4),
+        params=common_pb2.GenerationParams(max_tokens=max_tokens),
         deadline=clock.now - waited_s + timeout_s,
         future=asyncio.get_running_loop().create_future(),
         span_context=INVALID_SPAN_CONTEXT,
@@ -466,3 +473,276 @@ async def test_drain_answers_every_queued_request(
     for item in items:
         if item is not taken[0]:
             assert error_of(item).code == grpc.StatusCode.UNAVAILABLE
+
+
+# -- fair share between tenants -----------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> common_pb2.Completion:
+    """A backend's answer that used this many tokens."""
+    return common_pb2.Completion(
+        text="ok",
+        usage=common_pb2.Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        ),
+    )
+
+
+def tenants_of(batch: list[PendingRequest]) -> list[str]:
+    return [item.tenant for item in batch]
+
+
+async def test_a_quiet_tenant_is_served_among_the_first_despite_a_flood_ahead_of_it(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    # The flood arrived first and has the earlier deadlines: by EDF alone, b would wait
+    # behind all 40 of a's requests.
+    queue = make_queue()
+    for index in range(40):
+        queue.admit(request(clock, f"a-{index:02}", tenant="a", timeout_s=10 + index), 1.0)
+    for index in range(4):
+        queue.admit(request(clock, f"b-{index:02}", tenant="b", timeout_s=60), 1.0)
+    assert queue.tenant_depths() == {"a": 40, "b": 4}
+
+    first, second = queue.take(4), queue.take(4)
+
+    # Equal counters tie; the tie goes to the earlier deadline, then the tenants alternate.
+    assert tenants_of(first) == ["a", "b", "a", "b"]
+    assert tenants_of(second) == ["a", "b", "a", "b"]
+    assert ids(first + second)[::2] == ["a-00", "a-01", "a-02", "a-03"], "EDF within a tenant"
+    assert queue.tenant_depths() == {"a": 36}
+    assert tenants_of(queue.take(100)) == ["a"] * 36
+
+
+async def test_weights_two_to_one_share_tokens_two_to_one_over_a_long_run(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    # Both tenants always have work queued; sizes vary and real usage differs from the
+    # estimate charged at take, and is corrected when each answer arrives.
+    rng = random.Random(7)
+    queue = make_queue(max_size=1_000)
+    weights = {"heavy": 2.0, "light": 1.0}
+    served: Counter[str] = Counter()
+    queued: Counter[str] = Counter()
+    serial = 0
+    for _ in range(600):
+        for tenant, weight in weights.items():
+            while queued[tenant] < 8:
+                serial += 1
+                queue.admit(
+                    request(
+                        clock,
+                        f"{tenant}-{serial}",
+                        tenant=tenant,
+                        weight=weight,
+                        max_tokens=rng.randint(1, 64),
+                        timeout_s=600,
+                    ),
+                    1.0,
+                )
+                queued[tenant] += 1
+        for item in queue.take(4):
+            queued[item.tenant] -= 1
+            real = usage(rng.randint(3, 12), rng.randint(1, item.params.max_tokens))
+            served[item.tenant] += real.usage.total_tokens
+            item.settle(real)
+        await asyncio.sleep(0)  # the futures' done-callbacks correct the charges
+
+    assert served["heavy"] / served["light"] == pytest.approx(2.0, rel=0.05)
+    # Each counter is the tenant's real tokens over its weight; they stay level.
+    heavy, light = queue.virtual_counter("heavy"), queue.virtual_counter("light")
+    assert heavy is not None and light is not None
+    assert abs(heavy - light) < 100
+
+
+async def test_an_idle_tenant_does_not_bank_credit(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue(max_size=1_000)
+    queue.admit(request(clock, "b-early", tenant="b"), 1.0)
+    assert tenants_of(queue.take(1)) == ["b"]
+    # While b is away, a alone is served a lot.
+    for index in range(50):
+        queue.admit(request(clock, f"a-{index:02}", tenant="a"), 1.0)
+    assert len(queue.take(30)) == 30
+    a_counter = queue.virtual_counter("a")
+    assert a_counter is not None and a_counter > 20 * (queue.virtual_counter("b") or 0)
+
+    # b comes back: it is lifted to a's counter instead of owning the model until it catches
+    # up, so the two now alternate.
+    for index in range(20):
+        queue.admit(request(clock, f"b-{index:02}", tenant="b"), 1.0)
+    assert queue.virtual_counter("b") == pytest.approx(a_counter)
+    assert Counter(tenants_of(queue.take(10))) == {"a": 5, "b": 5}
+
+
+async def test_a_new_tenant_starts_at_the_lowest_counter_even_after_the_queue_emptied(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    for index in range(10):
+        queue.admit(request(clock, f"a-{index}", tenant="a"), 1.0)
+    assert len(queue.take(10)) == 10
+    assert queue.depth == 0 and queue.tenant_depths() == {}
+
+    queue.admit(request(clock, "c-0", tenant="c"), 1.0)
+    assert queue.virtual_counter("c") == queue.virtual_counter("a")
+
+
+async def test_a_tenant_keeps_its_debt_across_a_short_idle_spell(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    # The lift only ever raises a counter: a tenant that was just served a big request and
+    # whose queue ran dry does not come back level with the others.
+    queue = make_queue(max_size=1_000)
+    queue.admit(request(clock, "a-big", tenant="a", max_tokens=1_000, timeout_s=30), 1.0)
+    queue.admit(request(clock, "b-00", tenant="b", max_tokens=10, timeout_s=60), 1.0)
+    assert ids(queue.take(1)) == ["a-big"]  # tie at zero, earlier deadline
+    for index in range(1, 31):
+        queue.admit(request(clock, f"b-{index:02}", tenant="b", max_tokens=10), 1.0)
+    for index in range(10):
+        queue.admit(request(clock, f"a-{index:02}", tenant="a", max_tokens=10), 1.0)
+
+    assert tenants_of(queue.take(20)) == ["b"] * 20
+
+
+async def test_the_charge_is_corrected_to_real_usage_when_the_answer_arrives(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    cheap = request(clock, "cheap", tenant="a", weight=2.0, max_tokens=300)
+    failed = request(clock, "failed", tenant="b", max_tokens=100)
+    silent = request(clock, "silent", tenant="c", max_tokens=100)
+    for item in (cheap, failed, silent):
+        queue.admit(item, 1.0)
+    # Each tenant has more work queued, so it stays active and keeps its counter.
+    for tenant in ("c", "b", "a"):
+        queue.admit(request(clock, f"{tenant}-next", tenant=tenant), 1.0)
+    assert ids(queue.take(3)) == ["cheap", "failed", "silent"]
+    estimate = cheap.estimated_tokens
+    assert estimate > 300
+    assert queue.virtual_counter("a") == pytest.approx(estimate / 2)  # over its weight
+    assert queue.virtual_counter("a") > (queue.virtual_counter("b") or 0)
+
+    cheap.settle(usage(6, 4))  # stopped early: 10 tokens, not the estimate
+    failed.settle(ShepherdError(grpc.StatusCode.INTERNAL, "boom"))  # keeps the estimate
+    silent.settle(usage(0, 0))  # a backend that reports no usage cannot make work free
+    await asyncio.sleep(0)
+
+    assert queue.virtual_counter("a") == pytest.approx(10 / 2)
+    assert queue.virtual_counter("b") == pytest.approx(failed.estimated_tokens)
+    assert queue.virtual_counter("c") == pytest.approx(silent.estimated_tokens)
+    queue.settle_usage(cheap, usage(6, 4))  # idempotent
+    assert queue.virtual_counter("a") == pytest.approx(10 / 2)
+
+    # Corrected, a is behind the others, so its next request leaves first.
+    assert ids(queue.take(3)) == ["a-next", "c-next", "b-next"]
+
+
+async def test_an_expired_request_costs_its_tenant_nothing_and_the_place_goes_on(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    late = request(clock, "b-late", tenant="b", timeout_s=1.0)
+    queue.admit(request(clock, "a-0", tenant="a", timeout_s=60), 1.0)
+    queue.admit(request(clock, "a-1", tenant="a", timeout_s=60), 1.0)
+    fine = request(clock, "b-fine", tenant="b", timeout_s=60)
+    queue.admit(late, 1.0)
+    queue.admit(fine, 1.0)
+
+    clock.now += 1.0
+    # b's expired head is chosen first (tie at zero, earliest deadline) but is not run nor
+    # charged, so b is still level with a, and the batch is still filled.
+    assert ids(queue.take(3)) == ["a-0", "b-fine", "a-1"]
+
+    assert error_of(late).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert queue.counters.expired == 1
+    assert queue.virtual_counter("b") == fine.estimated_tokens  # only the request that ran
+
+
+async def test_cancelled_requests_leave_their_tenants_count_and_the_rest_share_fairly(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    a_items = [request(clock, f"a-{index}", tenant="a") for index in range(6)]
+    b_items = [request(clock, f"b-{index}", tenant="b") for index in range(3)]
+    for item in a_items + b_items:
+        queue.admit(item, 1.0)
+    for item in b_items[:2] + a_items[:3]:
+        item.future.cancel()
+    await asyncio.sleep(0)
+
+    assert queue.tenant_depths() == {"a": 3, "b": 1}
+    assert queue.counters.cancelled == 5
+    assert ids(queue.take(10)) == ["a-3", "b-2", "a-4", "a-5"]
+    assert queue.tenant_depths() == {}
+
+
+async def test_a_cancel_not_yet_seen_by_its_callback_is_skipped_when_its_tenant_is_chosen(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    gone = request(clock, "b-gone", tenant="b", timeout_s=10)
+    for item in (request(clock, "a-0", tenant="a", timeout_s=5), gone):
+        queue.admit(item, 1.0)
+    queue.admit(request(clock, "b-kept", tenant="b", timeout_s=20), 1.0)
+    assert ids(queue.take(1)) == ["a-0"]  # b now has the lower counter
+
+    gone.future.cancel()  # no sleep: the queue has not been told yet
+    assert ids(queue.take(5)) == ["b-kept"]
+    await asyncio.sleep(0)
+    assert queue.counters.cancelled == 1 and queue.depth == 0
+
+
+async def test_shedding_takes_the_newest_lower_class_request_whatever_its_tenant(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue(max_size=4)
+    older_low = request(clock, "a-low", LOW, tenant="a", waited_s=3)
+    newer_low = request(clock, "b-low", LOW, tenant="b", waited_s=1)
+    for item in (
+        older_low,
+        newer_low,
+        request(clock, "a-normal", NORMAL, tenant="a"),
+        request(clock, "b-normal", NORMAL, tenant="b"),
+    ):
+        queue.admit(item, 1.0)
+
+    queue.admit(request(clock, "c-high", HIGH, tenant="c"), retry_after_s=0.5)
+
+    assert error_of(newer_low).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not older_low.future.done()
+    assert queue.tenant_depths() == {"a": 2, "b": 1, "c": 1}
+    assert queue.counters.shed == 1
+    assert ids(queue.take(10)) == ["c-high", "a-normal", "b-normal", "a-low"]
+
+
+async def test_drain_answers_every_tenants_requests(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    items = [request(clock, f"r{index}", tenant=f"t{index % 3}") for index in range(7)]
+    for item in items:
+        queue.admit(item, 1.0)
+
+    queue.drain(ShepherdError(grpc.StatusCode.UNAVAILABLE, "shutting down"))
+
+    assert queue.depth == 0 and queue.tenant_depths() == {}
+    assert all(error_of(item).code == grpc.StatusCode.UNAVAILABLE for item in items)
+
+
+async def test_idle_tenants_remembered_are_bounded(
+    clock: FakeClock, make_queue: Callable[..., ModelQueue]
+) -> None:
+    queue = make_queue()
+    tenants = [f"t{index}" for index in range(MAX_IDLE_TENANTS + 10)]
+    for tenant in tenants:
+        queue.admit(request(clock, tenant, tenant=tenant), 1.0)
+        assert len(queue.take(1)) == 1
+
+    assert queue.virtual_counter(tenants[0]) is None  # forgotten, longest idle
+    assert queue.virtual_counter(tenants[-1]) is not None
+    remembered = sum(queue.virtual_counter(tenant) is not None for tenant in tenants)
+    assert remembered == MAX_IDLE_TENANTS
