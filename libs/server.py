@@ -10,6 +10,7 @@ service was given.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
 import sys
@@ -85,15 +86,62 @@ def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.
     return redis.Redis.from_pool(pool)
 
 
+# The calls the interceptor chain of the current unary call has started (see _CancelOuter).
+_STARTED: contextvars.ContextVar[list[grpc.aio.Call]] = contextvars.ContextVar("shepherd_calls")
+
+
+class _CancelOuter(grpc.aio.UnaryUnaryClientInterceptor):
+    """Cancels the RPC when the caller of an intercepted unary call cancels it.
+
+    OpenTelemetry's aio client interceptor awaits the call's status inside the interceptor
+    chain, so cancelling the intercepted call (the caller's task was cancelled, or
+    `call.cancel()`) only interrupts that wait: without this, the RPC itself goes on, and the
+    peer keeps working for a caller that has gone. The chain runs in one task, so the
+    innermost interceptor hands the real call up through a context variable.
+    """
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        started: list[grpc.aio.Call] = []
+        reset = _STARTED.set(started)
+        try:
+            return await continuation(client_call_details, request)
+        except asyncio.CancelledError:
+            for call in started:
+                call.cancel()
+            raise
+        finally:
+            _STARTED.reset(reset)
+
+
+class _CancelInner(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records the real call for _CancelOuter; it must be the last interceptor."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        call = await continuation(client_call_details, request)
+        started = _STARTED.get(None)
+        if started is not None:
+            started.append(call)
+        return call
+
+
 def open_channel(address: str, credentials: Credentials) -> grpc.aio.Channel:
     """Open a traced channel to a peer service that sends the service token on every call.
 
-    Call once at start-up and share it.
+    Call once at start-up and share it. Cancelling a call on it cancels the RPC.
     """
     return grpc.aio.insecure_channel(
         address,
         options=_CHANNEL_OPTIONS,
-        interceptors=[*client_interceptors(), TokenClientInterceptor(credentials)],
+        interceptors=[
+            _CancelOuter(),
+            *client_interceptors(),
+            TokenClientInterceptor(credentials),
+            _CancelInner(),
+        ],
     )
 
 

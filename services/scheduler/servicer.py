@@ -11,6 +11,7 @@ from opentelemetry import trace
 from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
 from services.scheduler.admission import Admission
@@ -62,6 +63,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.InferResponse:
         model = self._catalog.resolve(request.model)
         violations = []
+        if not valid_tenant(request.tenant):
+            # The tenant decides fair share and the self-hosted-only policy: never guessed.
+            violations.append(("tenant", "is required: 1-64 letters, digits, '-' or '_'"))
         if not request.messages:
             violations.append(("messages", "at least one message is required"))
         if any(m.role not in _ROLES for m in request.messages):

@@ -534,3 +534,16 @@ async def test_without_model_control_only_models_the_nodes_report_ready_are_serv
     assert "tiny_z" in refused.value.details() and "model_control" in refused.value.details()
     response = await stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
     assert response.placement_events == []
+
+
+async def test_infer_validates_its_own_input_even_from_the_router(
+    node: TritonNode, launch: Launch, channel_to: Callable[..., Any]
+) -> None:
+    stub = channel_to(launch(one_node_catalog(node, chat={"model": "tiny_a"})))
+    request = infer_request("chat", request_id="no-tenant", tenant="")
+    del request.messages[:]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Infer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant: is required" in caught.value.details()
+    assert "messages: at least one message is required" in caught.value.details()
