@@ -118,49 +118,40 @@ async def measure(url: str, valkey_pid: int, requests: int) -> list[Row]:
     huge = Limits(day_nano=10**17, month_nano=10**18, rpm=10**9, tpm=10**12)
     run = uuid.uuid4().hex[:8]
 
+    async def bill(tenant: str, request_id: str) -> None:
+        """What billing does once the answer is in: the ledger script (settling any lease)."""
+        await accounts.record(
+            tenant=tenant,
+            request_id=request_id,
+            fingerprint="fp",
+            model=MODEL,
+            deployment="holysheep/gpt-4.1",
+            prompt_tokens=12,
+            completion_tokens=64,
+            cost_nano=536_000,
+            cache_hit=False,
+            now=utc_now(),
+            retention_s=86_400,
+        )
+
     def baseline(tenant: str) -> Callable[[int], Awaitable[None]]:
         async def step(n: int) -> None:
-            await accounts.record(
-                tenant=tenant,
-                request_id=f"{run}-{n}",
-                fingerprint="fp",
-                model=MODEL,
-                deployment="holysheep/gpt-4.1",
-                prompt_tokens=12,
-                completion_tokens=64,
-                cost_nano=536_000,
-                cache_hit=False,
-                now=utc_now(),
-                retention_s=86_400,
-            )
+            await bill(tenant, f"{run}-{n}")
 
         return step
 
     def with_quota(tenant: str) -> Callable[[int], Awaitable[None]]:
         async def step(n: int) -> None:
-            request_id = f"{run}-{n}"
             await quota.admit(
                 tenant=tenant,
-                request_id=request_id,
+                request_id=f"{run}-{n}",
                 fingerprint="fp",
                 model=model,
                 messages=messages,
                 max_tokens=64,
                 timeout_s=30.0,
             )
-            await accounts.record(
-                tenant=tenant,
-                request_id=request_id,
-                fingerprint="fp",
-                model=MODEL,
-                deployment="holysheep/gpt-4.1",
-                prompt_tokens=12,
-                completion_tokens=64,
-                cost_nano=536_000,
-                cache_hit=False,
-                now=utc_now(),
-                retention_s=86_400,
-            )
+            await bill(tenant, f"{run}-{n}")
 
         return step
 

@@ -74,23 +74,32 @@ def resource_exhausted(message: str, retry_after_s: float | None) -> ShepherdErr
     return ShepherdError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, details)
 
 
+_DETAIL_KINDS = (
+    error_details_pb2.BadRequest,
+    error_details_pb2.RetryInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.ErrorInfo,
+)
+
+
+def unpack_details(status: status_pb2.Status) -> list[Message]:
+    """The google.rpc details Shepherd sends, unpacked from a status."""
+    details: list[Message] = []
+    for packed in status.details:
+        for kind in _DETAIL_KINDS:
+            if packed.Is(kind.DESCRIPTOR):
+                detail = kind()
+                packed.Unpack(detail)
+                details.append(detail)
+    return details
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError, peer: str) -> ShepherdError:
     """Re-raise a peer's status as ours, keeping its code, message and rich details."""
     details: list[Message] = []
     for key, value in error.trailing_metadata() or ():
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for packed in status.details:
-                for kind in (
-                    error_details_pb2.BadRequest,
-                    error_details_pb2.RetryInfo,
-                    error_details_pb2.QuotaFailure,
-                    error_details_pb2.ErrorInfo,
-                ):
-                    if packed.Is(kind.DESCRIPTOR):
-                        detail = kind()
-                        packed.Unpack(detail)
-                        details.append(detail)
+            details.extend(unpack_details(status_pb2.Status.FromString(value)))
     code = error.code()
     message = error.details() or f"{peer} failed with {code.name}"
     if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in message.lower():

@@ -30,6 +30,7 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from deploy.local.launcher import LocalMesh, Replica
 from deploy.local.ports import free_port
 from libs.credentials import INTERNAL_TOKEN_HEADER
+from libs.errors import unpack_details
 from services.router.quota import prompt_token_bound
 from tests.integration.conftest import Metadata
 from tests.integration.test_mesh import CATALOG, GRPCURL, auth, chat_request, grpcurl
@@ -48,18 +49,7 @@ def unique(prefix: str) -> str:
 
 def details_of(error: grpc.RpcError) -> list[object]:
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    found: list[object] = []
-    for packed in status.details if status else ():
-        for kind in (
-            error_details_pb2.QuotaFailure,
-            error_details_pb2.RetryInfo,
-            error_details_pb2.BadRequest,
-        ):
-            if packed.Is(kind.DESCRIPTOR):
-                detail = kind()
-                packed.Unpack(detail)
-                found.append(detail)
-    return found
+    return list(unpack_details(status)) if status else []
 
 
 def rpc_error(call: object) -> grpc.RpcError:
@@ -425,10 +415,28 @@ def worst_case() -> int:
     return CATALOG.resolve(BUDGET_MODEL).price.cost_nano(bound, BUDGET_MAX_TOKENS)
 
 
-def _cost_of_one(router: router_pb2_grpc.RouterServiceStub, key: str) -> int:
+def budget_tenant(
+    router: router_pb2_grpc.RouterServiceStub,
+    admin: admin_pb2_grpc.AdminServiceStub,
+    admin_md: Metadata,
+    prefix: str,
+) -> tuple[str, str, int, int]:
+    """A new tenant with a daily budget worth 50 budget requests and half of one more.
+
+    Returns the tenant, its key, what one request costs (measured by another tenant) and the
+    budget.
+    """
+    calibration = new_tenant(admin, admin_md, unique("calibrate"))
     request = chat_request(BUDGET_MODEL, "budget probe 999", max_tokens=BUDGET_MAX_TOKENS)
     request.cache_policy = common_pb2.CACHE_POLICY_BYPASS
-    return router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S).cost.nano_usd
+    cost = router.Chat(request, metadata=auth(calibration), timeout=TIMEOUT_S).cost.nano_usd
+    budget = 50 * cost + cost // 2
+    tenant = unique(prefix)
+    key = new_tenant(admin, admin_md, tenant)
+    set_limits(
+        admin, admin_md, tenant, admin_pb2.Limits(daily_budget=common_pb2.Money(nano_usd=budget))
+    )
+    return tenant, key, cost, budget
 
 
 async def _load(
@@ -465,14 +473,7 @@ async def test_concurrent_requests_on_three_replicas_never_overshoot_a_budget(
     admin: admin_pb2_grpc.AdminServiceStub,
     admin_md: Metadata,
 ) -> None:
-    calibration = new_tenant(admin, admin_md, unique("calibrate"))
-    cost = _cost_of_one(router, calibration)
-    budget = 50 * cost + cost // 2  # worth 50 requests, and half of one more
-    tenant = unique("budget")
-    key = new_tenant(admin, admin_md, tenant)
-    set_limits(
-        admin, admin_md, tenant, admin_pb2.Limits(daily_budget=common_pb2.Money(nano_usd=budget))
-    )
+    tenant, key, cost, budget = budget_tenant(router, admin, admin_md, "budget")
 
     results = await _load(router_addresses, key, 200, TIMEOUT_S)
 
@@ -505,14 +506,7 @@ async def test_a_router_killed_mid_load_leaves_no_money_reserved(
     admin: admin_pb2_grpc.AdminServiceStub,
     admin_md: Metadata,
 ) -> None:
-    calibration = new_tenant(admin, admin_md, unique("calibrate"))
-    cost = _cost_of_one(router, calibration)
-    budget = 50 * cost + cost // 2
-    tenant = unique("crash")
-    key = new_tenant(admin, admin_md, tenant)
-    set_limits(
-        admin, admin_md, tenant, admin_pb2.Limits(daily_budget=common_pb2.Money(nano_usd=budget))
-    )
+    tenant, key, _, budget = budget_tenant(router, admin, admin_md, "crash")
     doomed = mesh.add_router({"SHEPHERD_ROUTER_LEASE_GRACE_S": "1"})
 
     results = await _load([*router_addresses[:2], doomed.address], key, 200, 8.0, kill=doomed)

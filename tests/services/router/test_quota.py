@@ -74,25 +74,30 @@ async def admit(quota: Quota, request_id: str, **overrides: object) -> object:
     return await quota.admit(**arguments)  # type: ignore[arg-type]
 
 
+async def bill(accounts: Accounts, request_id: str, cost: int) -> None:
+    """Billing's side: record the request admitted by `admit` at `cost`."""
+    await accounts.record(
+        tenant="acme",
+        request_id=request_id,
+        fingerprint="fp-" + request_id,
+        model=GPT.name,
+        deployment="d",
+        prompt_tokens=5,
+        completion_tokens=10,
+        cost_nano=cost,
+        cache_hit=False,
+        now=dt.datetime.now(dt.UTC),
+        retention_s=60,
+    )
+
+
 async def test_a_budget_refusal_names_the_budget_and_when_it_resets(client: redis.Redis) -> None:
     accounts = Accounts(client)
     worst = GPT.price.cost_nano(prompt_token_bound(messages("hello")), 100)
     await accounts.set_limits("acme", TenantLimits(overall=Limits(day_nano=worst)))
     quota = Quota(accounts, CONFIG)
     ticket = await admit(quota, "r1")
-    await accounts.record(
-        tenant="acme",
-        request_id="r1",
-        fingerprint="fp-r1",
-        model=GPT.name,
-        deployment="d",
-        prompt_tokens=5,
-        completion_tokens=100,
-        cost_nano=worst - 1,
-        cache_hit=False,
-        now=dt.datetime.now(dt.UTC),
-        retention_s=60,
-    )
+    await bill(accounts, "r1", worst - 1)
     with pytest.raises(ShepherdError) as caught:
         await admit(quota, "r2")
     error = caught.value
@@ -117,19 +122,7 @@ async def test_a_request_waits_for_reservations_in_flight_rather_than_being_refu
     waiting = asyncio.ensure_future(admit(quota, "second"))
     await asyncio.sleep(0.2)
     assert not waiting.done()  # the first request's reservation stands in its way
-    await accounts.record(
-        tenant="acme",
-        request_id="first",
-        fingerprint="fp-first",
-        model=GPT.name,
-        deployment="d",
-        prompt_tokens=5,
-        completion_tokens=10,
-        cost_nano=worst // 4,
-        cache_hit=False,
-        now=dt.datetime.now(dt.UTC),
-        retention_s=60,
-    )
+    await bill(accounts, "first", worst // 4)
     assert (await asyncio.wait_for(waiting, 2.0)).leased  # type: ignore[attr-defined]
 
 

@@ -208,6 +208,10 @@ async def _depth_is(stub: Any, model: str, depth: int) -> bool:
     return (await stats_of(stub, model)).queue_depth == depth
 
 
+async def _depth_at_least(stub: Any, model: str, depth: int) -> bool:
+    return (await stats_of(stub, model)).queue_depth >= depth
+
+
 async def test_the_catalog_priority_ranks_models_competing_for_a_node(
     node: TritonNode, launch: Launch, channel_to: Callable[..., Any]
 ) -> None:
@@ -347,6 +351,9 @@ async def test_spill_over_to_the_hosted_api_unless_data_must_stay_self_hosted(
     )
     assert warm.completion.placement.kind == common_pb2.BACKEND_KIND_TRITON
     blocker = await start_blocker(stub, "chat")
+    # A long queue: one 256-token batch runs in only ~30 ms on an idle machine, so the queue
+    # must hold far more than the deadline below, whenever the blocker happens to end (on a
+    # busy machine the client may still be sending when it does).
     queued = [
         asyncio.ensure_future(
             stub.Infer(
@@ -354,9 +361,9 @@ async def test_spill_over_to_the_hosted_api_unless_data_must_stay_self_hosted(
                 timeout=30,
             )
         )
-        for i in range(6)
+        for i in range(24)
     ]
-    await until(lambda: _depth_is(stub, "chat", 6))
+    await until(lambda: _depth_at_least(stub, "chat", 12))
 
     # The GPU queue needs far longer than this request's 0.15 s: it runs on the hosted API.
     spilled = await stub.Infer(infer_request("chat", request_id="hurry"), timeout=0.15)
