@@ -481,6 +481,10 @@ async def test_concurrent_requests_on_three_replicas_never_overshoot_a_budget(
     refused = [r for r in results if not isinstance(r, router_pb2.ChatResponse)]
     assert {r.cost.nano_usd for r in served} == {cost}
     committed = ledger_cost(billing, admin_md, tenant)
+    print(
+        f"\nbudget {budget} nano-USD (50.5 requests of {cost}): {len(served)} served of 200,"
+        f" committed {committed}, {budget - committed} left, overshoot {max(0, committed - budget)}"
+    )
     assert committed == sum(r.cost.nano_usd for r in served) <= budget
     assert len(served) in (49, 50), f"served {len(served)}; the budget allows 50"
     for error in refused:
@@ -535,6 +539,10 @@ async def test_a_router_killed_mid_load_leaves_no_money_reserved(
             assert result.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, result.details()
             break
     committed = ledger_cost(billing, admin_md, tenant)
+    print(
+        f"\nrouter killed: {len(lost)} calls cut, budget {budget}, committed {committed},"
+        f" {budget - committed} left (one request reserves {worst_case()})"
+    )
     assert budget - worst_case() < committed <= budget, (committed, budget)
 
 
@@ -567,6 +575,7 @@ async def test_requests_per_minute_hold_across_three_replicas(
             await channel.close()
     assert elapsed < 50, "the burst must fit in one window for the count to mean anything"
     refused = [e for e in outcomes if e is not None]
+    print(f"\nrpm 60: {90 - len(refused)} of 90 accepted in {elapsed:.2f} s over 3 replicas")
     assert 60 <= len(outcomes) - len(refused) <= 61
     for error in refused:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -609,6 +618,7 @@ def test_tokens_per_minute_reserve_the_estimate_and_count_what_was_used(
     finally:
         for channel in channels:
             channel.close()
+    print(f"\ntpm {limit}: {accepted} requests accepted using {used} tokens")
     assert refusal is not None and refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"{limit} tokens per minute" in refusal.details()
     assert used <= limit
