@@ -259,7 +259,7 @@ local day, month, capped = ARGV[11], ARGV[12], 0
 local lease = release(id, prompt + completion)
 if lease then
   day, month = lease[3], lease[4]
-  if above(sum(cost, '0'), lease[1]) then
+  if above({split(cost)}, lease[1]) then
     cost = lease[1]
     capped = 1
   end

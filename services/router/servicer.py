@@ -77,11 +77,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             max_tokens=params.max_tokens,
             timeout_s=outbound_timeout(context, self._config.default_timeout_s),
         )
-        self_hosted_only = request.self_hosted_only or self._catalog.tenant(tenant).self_hosted_only
         try:
-            lookup = await self._lookup(
-                request, tenant, model.family, params, self_hosted_only, context
-            )
+            lookup = await self._lookup(request, tenant, model.family, params, context)
             cache_hit = lookup.hit
             if cache_hit:
                 completion = lookup.completion
@@ -158,10 +155,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         tenant: str,
         family: str,
         params: common_pb2.GenerationParams,
-        self_hosted_only: bool,
         context: grpc.aio.ServicerContext,
     ) -> cache_pb2.LookupResponse:
-        """Ask the cache; any cache failure is a miss, since the cache only saves work."""
+        """Ask the cache; any cache failure is a miss, since the cache only saves work.
+
+        The cache applies the tenant's own policy (cache scope, self-hosted only) itself.
+        """
         try:
             return await self._cache.Lookup(
                 cache_pb2.LookupRequest(
@@ -170,7 +169,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     params=params,
                     policy=request.cache_policy,
                     tenant=tenant,
-                    self_hosted_only=self_hosted_only,
+                    self_hosted_only=request.self_hosted_only,
                 ),
                 timeout=outbound_timeout(context, self._config.cache_timeout_s),
             )

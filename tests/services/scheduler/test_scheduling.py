@@ -176,22 +176,27 @@ async def test_higher_priority_requests_run_first(
     stub = channel_to(scheduler)
     finished: list[str] = []
 
-    async def call(name: str, priority: int) -> None:
+    async def call(name: str, priority: int, timeout_s: float) -> None:
         await stub.Infer(
-            infer_request("chat", request_id=name, max_tokens=4, priority=priority), timeout=30
+            infer_request("chat", request_id=name, max_tokens=4, priority=priority),
+            timeout=timeout_s,
         )
         finished.append(name)
 
     calls = []
-    for name, priority in (
-        ("low-1", LOW),
-        ("low-2", LOW),
-        ("normal-1", NORMAL),
-        ("normal-2", NORMAL),
-        ("high-1", HIGH),
-        ("high-2", HIGH),
+    for index, (name, priority) in enumerate(
+        (
+            ("low-1", LOW),
+            ("low-2", LOW),
+            ("normal-1", NORMAL),
+            ("normal-2", NORMAL),
+            ("high-1", HIGH),
+            ("high-2", HIGH),
+        )
     ):
-        calls.append(asyncio.create_task(call(name, priority)))
+        # Within a class the earliest deadline goes first: each later request gets a later
+        # one by a full second, so a busy machine's jitter in sending cannot reorder them.
+        calls.append(asyncio.create_task(call(name, priority, 30.0 + index)))
         await asyncio.sleep(0.005)
     # All six wait while the model loads on first use; then one runs at a time.
     await until(lambda: _depth_is(stub, "chat", 6))
