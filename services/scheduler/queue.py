@@ -54,6 +54,7 @@ from shepherd.common.v1 import common_pb2
 
 from libs.catalog import QueuePolicy
 from libs.errors import ShepherdError, resource_exhausted
+from services.scheduler.events import EventChannel, Final
 
 # Rank 0 is served first. UNSPECIFIED is NORMAL, as the proto documents.
 RANKS = {
@@ -93,14 +94,13 @@ def estimated_prompt_tokens(messages: Sequence[tuple[str, str]]) -> int:
 
 @dataclass(eq=False)
 class PendingRequest:
-    """One admitted request and the future its RPC handler awaits."""
+    """One admitted request and the event channel its RPC handler reads."""
 
     request_id: str
     tenant: str
     messages: tuple[tuple[str, str], ...]
     params: common_pb2.GenerationParams
     deadline: float
-    future: asyncio.Future[common_pb2.Completion]
     span_context: SpanContext
     priority: int = common_pb2.PRIORITY_NORMAL
     # True when the prompt must stay on self-hosted nodes (request or tenant policy).
@@ -111,6 +111,13 @@ class PendingRequest:
     weight: float = 1.0
     # The tokens the tenant's counter was charged for this request; 0 until it is taken.
     charged_tokens: int = 0
+    # Deltas, then the terminal outcome (services/scheduler/events.py).
+    events: EventChannel = field(default_factory=EventChannel)
+
+    @property
+    def future(self) -> asyncio.Future[common_pb2.Completion]:
+        """The request's outcome: done when it ends, cancelled when its caller went away."""
+        return self.events.outcome
 
     @property
     def rank(self) -> int:
@@ -122,13 +129,11 @@ class PendingRequest:
         return estimated_prompt_tokens(self.messages) + max(0, self.params.max_tokens)
 
     def settle(self, result: common_pb2.Completion | ShepherdError) -> None:
-        """Answer the waiting RPC once; later answers (e.g. after a retry) are ignored."""
-        if self.future.done():
-            return
+        """End the request once; later answers (e.g. after a retry) are ignored."""
         if isinstance(result, ShepherdError):
-            self.future.set_exception(result)
+            self.events.fail(result)
         else:
-            self.future.set_result(result)
+            self.events.finish(Final(result))
 
 
 @dataclass

@@ -82,7 +82,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             messages=tuple((_ROLES[m.role], m.content) for m in request.messages),
             params=request.params,
             deadline=time.monotonic() + timeout_s,
-            future=asyncio.get_running_loop().create_future(),
             span_context=trace.get_current_span().get_span_context(),
             priority=request.priority,
             self_hosted_only=request.self_hosted_only,

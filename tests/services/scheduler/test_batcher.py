@@ -76,7 +76,6 @@ def pending(
         messages=(("user", f"hello from {request_id}"),),
         params=common_pb2.GenerationParams(max_tokens=4),
         deadline=now + timeout_s,
-        future=asyncio.get_running_loop().create_future(),
         span_context=INVALID_SPAN_CONTEXT,
         priority=priority,
         enqueued_at=now - waited_s,

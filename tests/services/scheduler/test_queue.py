@@ -71,7 +71,6 @@ def request(
         messages=(("user", f"hello from {request_id}"),),
         params=common_pb2.GenerationParams(max_tokens=max_tokens),
         deadline=clock.now - waited_s + timeout_s,
-        future=asyncio.get_running_loop().create_future(),
         span_context=INVALID_SPAN_CONTEXT,
         priority=priority,
         enqueued_at=clock.now - waited_s,
