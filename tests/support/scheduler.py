@@ -3,8 +3,9 @@
 `model_repository` builds a Triton model repository of named copies of the shipped tiny_lm
 (same weights and code, different names, `ignore_eos` so each request costs exactly its
 max_tokens of decoding): several distinct models to place, evict and prioritise, each with a
-known cost. `SchedulerProcess` runs `python -m services.scheduler` against a catalog written
-for the test, on a free port, and stops it afterwards.
+known cost; `streaming_model_repository` does the same for the streaming tiny_lm_stream.
+`SchedulerProcess` runs `python -m services.scheduler` against a catalog written for the test,
+on a free port, and stops it afterwards.
 """
 
 from __future__ import annotations
@@ -34,11 +35,29 @@ TEST_CREDENTIALS = Credentials(
 )
 
 TINY_LM = DEFAULT_MODEL_REPOSITORY / "tiny_lm"
+TINY_LM_STREAM = DEFAULT_MODEL_REPOSITORY / "tiny_lm_stream"
 
 
 def model_repository(root: Path, names: Sequence[str]) -> Path:
     """A repository holding one tiny_lm copy per name, each generating exactly max_tokens."""
     config = (TINY_LM / "config.pbtxt").read_text().replace('name: "tiny_lm"', "")
+    for name in names:
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1" / "model.py").symlink_to(TINY_LM / "1" / "model.py")
+        (root / name / "config.pbtxt").write_text(
+            f'name: "{name}"\n{config}\n'
+            'parameters { key: "ignore_eos" value: { string_value: "true" } }\n'
+        )
+    return root
+
+
+def streaming_model_repository(root: Path, names: Sequence[str]) -> Path:
+    """The shipped tiny_lm and tiny_lm_stream, plus one tiny_lm_stream copy per name that
+    streams exactly max_tokens (`ignore_eos`): a stream as long as a test needs, to cancel."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shipped in (TINY_LM, TINY_LM_STREAM):
+        (root / shipped.name).symlink_to(shipped, target_is_directory=True)
+    config = (TINY_LM_STREAM / "config.pbtxt").read_text().replace('name: "tiny_lm_stream"', "")
     for name in names:
         (root / name / "1").mkdir(parents=True)
         (root / name / "1" / "model.py").symlink_to(TINY_LM / "1" / "model.py")

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - exercised when imported outside Triton
 import json
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,16 +298,36 @@ def tokenize(text: str) -> list[int]:
     return ids
 
 
+def token_text(token_id: int, first: bool) -> str:
+    """The text one generated id adds to a completion: a word, after a space unless it is the
+    first one or punctuation (which attaches to the preceding word).
+
+    Streaming sends exactly these pieces, so a streamed completion concatenates to the same
+    text `detokenize` gives for the whole completion.
+    """
+    word = WORDS[token_id - FIRST_WORD_ID]
+    if first or word in {".", ","}:
+        return word
+    return " " + word
+
+
 def detokenize(ids: list[int]) -> str:
     """Join generated word ids into text, attaching punctuation to the preceding word."""
-    out: list[str] = []
-    for token_id in ids:
-        word = WORDS[token_id - FIRST_WORD_ID]
-        if word in {".", ","} and out:
-            out[-1] += word
-        else:
-            out.append(word)
-    return " ".join(out)
+    return "".join(token_text(token_id, index == 0) for index, token_id in enumerate(ids))
+
+
+@dataclass(frozen=True)
+class Step:
+    """Every row of a batch after one decoding step: what streaming sends, step by step.
+
+    `generated` holds each row's completion token ids so far; `finish` is "" while a row is
+    still decoding and "stop" (end-of-sequence) or "length" (MAX_TOKENS reached) once it is
+    done. A finished row's entries no longer change.
+    """
+
+    prompt_tokens: tuple[int, ...]
+    generated: tuple[tuple[int, ...], ...]
+    finish: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -399,24 +420,68 @@ class TinyLM:
         seeds: list[int | None],
         ignore_eos: bool = False,
     ) -> list[Completion]:
-        """Complete every prompt in one batched pass (left-padded prefill, then decode steps).
+        """Complete every prompt in one batched pass: `stream` run to its end.
 
-        With `ignore_eos` every row generates exactly its MAX_TOKENS (vLLM's option of the
-        same name): load tests use it to make each request cost a known amount of work.
+        Sharing the decoding loop with the streaming model is what guarantees that a streamed
+        row concatenates to exactly the text returned here.
+        """
+        if not prompts:
+            return []
+        last: Step | None = None
+        for step in self.stream(prompts, max_tokens, temperatures, seeds, ignore_eos):
+            last = step
+        assert last is not None  # stream always yields at least once
+        return [
+            Completion(
+                text=detokenize(list(last.generated[row])),
+                prompt_tokens=last.prompt_tokens[row],
+                completion_tokens=len(last.generated[row]),
+                finish_reason=last.finish[row] or "length",
+            )
+            for row in range(len(prompts))
+        ]
+
+    def stream(
+        self,
+        prompts: list[str],
+        max_tokens: list[int],
+        temperatures: list[float],
+        seeds: list[int | None],
+        ignore_eos: bool = False,
+    ) -> Iterator[Step]:
+        """Decode every prompt in one batched pass, yielding the batch's state after each step.
 
         Left padding aligns every row's last prompt token, so one decode step serves all
         rows; padded slots are masked out, which keeps a row's output identical whether it
         runs alone or inside a batch.
+
+        With `ignore_eos` every row generates exactly its MAX_TOKENS (vLLM's option of the
+        same name): load tests use it to make each request cost a known amount of work.
+
+        A Step is yielded after the tokens of a step are chosen and before the next forward
+        pass, so a caller that stops iterating (a cancelled stream) stops the work at once.
+        Rows asking for 0 tokens are finished ("length") from the first Step; when no row
+        asks for any, exactly one Step is yielded.
         """
         batch = len(prompts)
         if batch == 0:
-            return []
+            return
         token_lists = [tokenize(p) for p in prompts]
+        prompt_counts = tuple(len(ids) for ids in token_lists)
         windows = [[BOS_ID, *ids[-PROMPT_WINDOW:]] for ids in token_lists]
         limits = np.array([min(max(int(m), 0), MAX_TOKENS_CAP) for m in max_tokens])
         prompt_len = max(len(w) for w in windows)
         max_new = int(limits.max())
         total = prompt_len + max_new
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        finish = ["" if limit > 0 else "length" for limit in limits]
+
+        def state() -> Step:
+            return Step(prompt_counts, tuple(tuple(g) for g in generated), tuple(finish))
+
+        if max_new == 0:
+            yield state()
+            return
 
         tokens = np.full((batch, prompt_len), PAD_ID, dtype=np.int64)
         pad = np.zeros(batch, dtype=np.int64)
@@ -450,8 +515,6 @@ class TinyLM:
             np.random.default_rng(seed if seed is not None else None) if t > 0 else None
             for t, seed in zip(temperatures, seeds, strict=True)
         ]
-        generated: list[list[int]] = [[] for _ in range(batch)]
-        finish = ["length"] * batch
         active = limits > 0
         seen = np.zeros((batch, VOCAB_SIZE), dtype=bool)
         for step in range(max_new):
@@ -479,7 +542,9 @@ class TinyLM:
                 generated[row].append(token_id)
                 seen[row, token_id] = True
                 if len(generated[row]) >= limits[row]:
+                    finish[row] = "length"
                     active[row] = False
+            yield state()
             if not active.any() or step == max_new - 1:
                 break
             slot = prompt_len + step
@@ -488,16 +553,6 @@ class TinyLM:
             for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
                 x = self._attend(layer, x, k_cache, v_cache, slot, step_mask)
             last = x[:, 0, :]
-
-        return [
-            Completion(
-                text=detokenize(generated[row]),
-                prompt_tokens=len(token_lists[row]),
-                completion_tokens=len(generated[row]),
-                finish_reason=finish[row],
-            )
-            for row in range(batch)
-        ]
 
 
 def _optional_column(request: Any, name: str, rows: int) -> np.ndarray | None:
@@ -511,8 +566,88 @@ def _optional_column(request: Any, name: str, rows: int) -> np.ndarray | None:
     return values
 
 
+@dataclass
+class _Rows:
+    """The rows of every request of one execution, concatenated, and where each request's are.
+
+    `spans[i]` is request i's (start, end) slice of the rows, or the TritonError it gets for
+    a malformed request (which then runs no rows and fails alone).
+    """
+
+    prompts: list[str]
+    max_tokens: list[int]
+    temperatures: list[float]
+    seeds: list[int | None]
+    spans: list[tuple[int, int] | Any]
+
+
+def _read_rows(requests: list[Any]) -> _Rows:
+    """Concatenate the rows of all requests; a malformed request gets its own error."""
+    rows = _Rows([], [], [], [], [])
+    for request in requests:
+        try:
+            raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)
+            count = raw.shape[0]
+            limit = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
+            limit_values = limit.as_numpy().reshape(-1)
+            if limit_values.shape[0] != count:
+                raise ValueError(f"MAX_TOKENS has {limit_values.shape[0]} rows, PROMPT {count}")
+            temps = _optional_column(request, "TEMPERATURE", count)
+            seed_values = _optional_column(request, "SEED", count)
+            row_prompts = [
+                (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v))
+                for v in raw
+            ]
+            row_temps = [0.0] * count if temps is None else [float(t) for t in temps]
+            if any(not np.isfinite(t) or t < 0 for t in row_temps):
+                raise ValueError("TEMPERATURE must be a finite number >= 0")
+            row_seeds: list[int | None] = (
+                [None] * count
+                if seed_values is None
+                else [int(s) & 0xFFFFFFFFFFFFFFFF for s in seed_values]
+            )
+        except Exception as exc:  # Reported to that client, not swallowed.
+            rows.spans.append(pb_utils.TritonError(f"tiny_lm: bad request: {exc}"))
+            continue
+        start = len(rows.prompts)
+        rows.prompts.extend(row_prompts)
+        rows.max_tokens.extend(int(m) for m in limit_values)
+        rows.temperatures.extend(row_temps)
+        rows.seeds.extend(row_seeds)
+        rows.spans.append((start, len(rows.prompts)))
+    return rows
+
+
+def _response(
+    texts: list[str], prompt_tokens: list[int], completion_tokens: list[int], finish: list[str]
+) -> Any:
+    """One response with the four [rows, 1] output tensors both modes share."""
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor(
+                "TEXT", np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+            ),
+            pb_utils.Tensor(
+                "PROMPT_TOKENS", np.array([[n] for n in prompt_tokens], dtype=np.int32)
+            ),
+            pb_utils.Tensor(
+                "COMPLETION_TOKENS", np.array([[n] for n in completion_tokens], dtype=np.int32)
+            ),
+            pb_utils.Tensor(
+                "FINISH_REASON", np.array([[f.encode("utf-8")] for f in finish], dtype=np.object_)
+            ),
+        ]
+    )
+
+
 class TritonPythonModel:
-    """Triton adapter: concatenates all rows of all requests, runs TinyLM once, splits back."""
+    """Triton adapter: concatenates all rows of all requests, runs TinyLM once, splits back.
+
+    The same file serves two models. With `model_transaction_policy { decoupled: true }` in
+    its config (tiny_lm_stream) it streams: one response per decoding step for each request;
+    otherwise (tiny_lm) one response per request with the whole completion. Sharing the code
+    and the seeded weights is what makes a streamed row equal the non-streamed one.
+    """
 
     def initialize(self, args: dict[str, str]) -> None:
         """Build the seeded model once per instance, so every execution reuses the weights."""
@@ -521,87 +656,107 @@ class TritonPythonModel:
         # config.pbtxt: parameters { key: "ignore_eos" value: { string_value: "true" } }
         parameter = self.model_config.get("parameters", {}).get("ignore_eos", {})
         self.ignore_eos = parameter.get("string_value", "").lower() == "true"
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        """Serve a list of requests in one batched generate call.
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        """Serve a list of requests in one batched decoding pass.
 
         Triton's dynamic batcher hands the Python backend a list of requests rather than a
         merged tensor, so merging them here is what turns queueing into real batch work.
         A malformed request gets its own error response without failing its neighbours.
         """
-        prompts: list[str] = []
-        max_tokens: list[int] = []
-        temperatures: list[float] = []
-        seeds: list[int | None] = []
-        spans: list[tuple[int, int] | pb_utils.TritonError] = []
-        for request in requests:
-            try:
-                raw = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)
-                rows = raw.shape[0]
-                limit = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
-                limit_values = limit.as_numpy().reshape(-1)
-                if limit_values.shape[0] != rows:
-                    raise ValueError(f"MAX_TOKENS has {limit_values.shape[0]} rows, PROMPT {rows}")
-                temps = _optional_column(request, "TEMPERATURE", rows)
-                seed_values = _optional_column(request, "SEED", rows)
-                row_prompts = [
-                    (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v))
-                    for v in raw
-                ]
-                row_temps = [0.0] * rows if temps is None else [float(t) for t in temps]
-                if any(not np.isfinite(t) or t < 0 for t in row_temps):
-                    raise ValueError("TEMPERATURE must be a finite number >= 0")
-                row_seeds: list[int | None] = (
-                    [None] * rows
-                    if seed_values is None
-                    else [int(s) & 0xFFFFFFFFFFFFFFFF for s in seed_values]
-                )
-            except Exception as exc:  # Reported to that client, not swallowed.
-                spans.append(pb_utils.TritonError(f"tiny_lm: bad request: {exc}"))
-                continue
-            start = len(prompts)
-            prompts.extend(row_prompts)
-            max_tokens.extend(int(m) for m in limit_values)
-            temperatures.extend(row_temps)
-            seeds.extend(row_seeds)
-            spans.append((start, len(prompts)))
-
+        rows = _read_rows(requests)
+        if self.decoupled:
+            self._stream(requests, rows)
+            return None
         completions = self.lm.generate(
-            prompts, max_tokens, temperatures, seeds, ignore_eos=self.ignore_eos
+            rows.prompts, rows.max_tokens, rows.temperatures, rows.seeds, self.ignore_eos
         )
-
         responses = []
-        for span in spans:
+        for span in rows.spans:
             if not isinstance(span, tuple):
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=span))
                 continue
             part = completions[span[0] : span[1]]
             responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor(
-                            "TEXT",
-                            np.array([[c.text.encode("utf-8")] for c in part], dtype=np.object_),
-                        ),
-                        pb_utils.Tensor(
-                            "PROMPT_TOKENS",
-                            np.array([[c.prompt_tokens] for c in part], dtype=np.int32),
-                        ),
-                        pb_utils.Tensor(
-                            "COMPLETION_TOKENS",
-                            np.array([[c.completion_tokens] for c in part], dtype=np.int32),
-                        ),
-                        pb_utils.Tensor(
-                            "FINISH_REASON",
-                            np.array(
-                                [[c.finish_reason.encode("utf-8")] for c in part],
-                                dtype=np.object_,
-                            ),
-                        ),
-                    ]
+                _response(
+                    [c.text for c in part],
+                    [c.prompt_tokens for c in part],
+                    [c.completion_tokens for c in part],
+                    [c.finish_reason for c in part],
                 )
             )
         return responses
+
+    def _stream(self, requests: list[Any], rows: _Rows) -> None:
+        """Send each request one response per decoding step until its rows are done.
+
+        A response carries every row of its request: the text that step added (empty for a
+        row that added none, or has finished), the cumulative PROMPT_TOKENS and
+        COMPLETION_TOKENS, and FINISH_REASON ("" until the row finishes, then "stop" or
+        "length", repeated in later responses). The step that finishes a request's last row
+        is sent with TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+
+        Cancellation: before sending a step, each request's response sender is asked whether
+        the client cancelled. A cancelled request gets only the final flag (Triton still
+        needs it) and no more responses; when no request is left, decoding stops, because
+        closing the step generator skips every remaining forward pass.
+        """
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        senders = [request.get_response_sender() for request in requests]
+        live: dict[int, tuple[int, int]] = {}
+        for index, span in enumerate(rows.spans):
+            if isinstance(span, tuple):
+                live[index] = span
+            else:
+                senders[index].send(
+                    pb_utils.InferenceResponse(output_tensors=[], error=span), flags=final
+                )
+        if not live:
+            return
+        steps = self.lm.stream(
+            rows.prompts, rows.max_tokens, rows.temperatures, rows.seeds, self.ignore_eos
+        )
+        sent = [0] * len(rows.prompts)  # tokens of each row already sent
+        try:
+            for step in steps:
+                pieces = []
+                for row, ids in enumerate(step.generated):
+                    pieces.append(
+                        "".join(token_text(ids[k], k == 0) for k in range(sent[row], len(ids)))
+                    )
+                    sent[row] = len(ids)
+                for index, (start, end) in list(live.items()):
+                    sender = senders[index]
+                    if sender.is_cancelled():
+                        del live[index]
+                        sender.send(flags=final)
+                        continue
+                    done = all(step.finish[start:end])
+                    sender.send(
+                        _response(
+                            pieces[start:end],
+                            list(step.prompt_tokens[start:end]),
+                            [len(ids) for ids in step.generated[start:end]],
+                            list(step.finish[start:end]),
+                        ),
+                        flags=final if done else 0,
+                    )
+                    if done:
+                        del live[index]
+                if not live:
+                    break
+        except Exception as exc:  # A failed step ends every request still streaming.
+            error = pb_utils.TritonError(f"tiny_lm: decoding failed: {exc}")
+            for index in live:
+                senders[index].send(
+                    pb_utils.InferenceResponse(output_tensors=[], error=error), flags=final
+                )
+            live.clear()
+        finally:
+            steps.close()
+            for index in live:  # Only if decoding ended without finishing a request's rows.
+                senders[index].send(flags=final)
 
     def finalize(self) -> None:
         """Nothing to release: the weights are plain numpy arrays."""

@@ -1,0 +1,1 @@
+../../tiny_lm/1/model.py
