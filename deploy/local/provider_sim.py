@@ -17,8 +17,14 @@ Simulator-only test hooks live under ``/_sim/`` and are NOT part of the OpenAI A
 * ``POST /_sim/fail``  ``{"status": 429, "count": 2, "retry_after": 1}`` makes the next ``count``
   chat calls (after authentication) fail with that status (429 adds ``Retry-After``);
 * ``GET /_sim/stats``  counters plus the last ``traceparent`` header, to prove W3C trace context
-  propagation;
-* ``POST /_sim/reset`` clears counters, pending failures and rate-limit windows.
+  propagation; ``streams_started``/``streams_completed``/``streams_closed_early`` count SSE
+  bodies, the last those whose client went away before ``[DONE]``;
+* ``POST /_sim/config`` ``{"stream_usage": false, "stream_interval_ms": 20}`` changes how
+  streams are sent until the next reset: ``stream_usage: false`` leaves out the usage chunk
+  even when ``stream_options.include_usage`` asks for it (as some OpenAI-compatible providers
+  do), and ``stream_interval_ms`` waits that long before each content chunk, like a model
+  generating tokens;
+* ``POST /_sim/reset`` clears counters, pending failures, rate-limit windows and the config.
 
 Run: ``python -m deploy.local.provider_sim --host 127.0.0.1 --port 0 --api-key KEY``. ``--port 0``
 picks a free port; the actual URL is printed on stdout as
@@ -231,6 +237,12 @@ class SimState:
     last_headers: dict[str, str] = field(default_factory=dict)
     pending_failures: collections.deque[FailSpec] = field(default_factory=collections.deque)
     windows: dict[str, collections.deque[float]] = field(default_factory=dict)
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_closed_early: int = 0
+    # Behaviour switches set by POST /_sim/config.
+    stream_usage: bool = True
+    stream_interval_ms: float = 0.0
 
     def reset(self) -> None:
         """Return to a freshly started state (keeps the config)."""
@@ -359,6 +371,7 @@ class ProviderSim:
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/_sim/fail", self.sim_fail, methods=["POST"]),
                 Route("/_sim/stats", self.sim_stats, methods=["GET"]),
+                Route("/_sim/config", self.sim_config, methods=["POST"]),
                 Route("/_sim/reset", self.sim_reset, methods=["POST"]),
             ]
         )
@@ -514,7 +527,7 @@ class ProviderSim:
         created = int(time.time())
         headers = {**headers, "x-request-id": f"req_{uuid.uuid4().hex}"}
         if chat.stream:
-            return StreamingResponse(
+            return _EventStream(
                 self._stream(chat, completion_id, created, tokens, finish_reason, usage),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
@@ -550,7 +563,13 @@ class ProviderSim:
         finish_reason: str,
         usage: dict[str, int],
     ) -> AsyncIterator[bytes]:
-        """SSE body: role chunk, one chunk per token, finish chunk, optional usage, [DONE]."""
+        """SSE body: role chunk, one chunk per token, finish chunk, optional usage, [DONE].
+
+        Counts itself as started, then completed or closed early (the client went away).
+        """
+        st = self.state
+        include_usage = chat.include_usage and st.stream_usage
+        interval_s = st.stream_interval_ms / 1000.0
 
         def chunk(choices: list[dict[str, Any]], with_usage: dict[str, int] | None) -> bytes:
             payload: dict[str, Any] = {
@@ -561,21 +580,30 @@ class ProviderSim:
                 "system_fingerprint": SYSTEM_FINGERPRINT,
                 "choices": choices,
             }
-            if chat.include_usage:
+            if include_usage:
                 payload["usage"] = with_usage
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
         def delta(d: dict[str, Any], reason: str | None = None) -> list[dict[str, Any]]:
             return [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]
 
-        yield chunk(delta({"role": "assistant", "content": "", "refusal": None}), None)
-        for piece in stream_pieces(tokens):
-            yield chunk(delta({"content": piece}), None)
-            await asyncio.sleep(0)
-        yield chunk(delta({}, finish_reason), None)
-        if chat.include_usage:
-            yield chunk([], usage)
-        yield b"data: [DONE]\n\n"
+        st.streams_started += 1
+        completed = False
+        try:
+            yield chunk(delta({"role": "assistant", "content": "", "refusal": None}), None)
+            for piece in stream_pieces(tokens):
+                await asyncio.sleep(interval_s)
+                yield chunk(delta({"content": piece}), None)
+            yield chunk(delta({}, finish_reason), None)
+            if include_usage:
+                yield chunk([], usage)
+            yield b"data: [DONE]\n\n"
+            completed = True
+        finally:
+            if completed:
+                st.streams_completed += 1
+            else:
+                st.streams_closed_early += 1
 
     async def list_models(self, request: Request) -> Response:
         """``GET /v1/models`` (authenticated, like OpenAI)."""
@@ -622,16 +650,59 @@ class ProviderSim:
                 "per_model": dict(st.per_model),
                 "status_counts": dict(st.status_counts),
                 "pending_failures": len(st.pending_failures),
+                "streams_started": st.streams_started,
+                "streams_completed": st.streams_completed,
+                "streams_closed_early": st.streams_closed_early,
+                "stream_usage": st.stream_usage,
+                "stream_interval_ms": st.stream_interval_ms,
                 "last_traceparent": st.last_traceparent,
                 "last_tracestate": st.last_tracestate,
                 "last_headers": st.last_headers,
             }
         )
 
+    async def sim_config(self, request: Request) -> Response:
+        """``POST /_sim/config``: change how streams are sent until the next reset."""
+        try:
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("expected a JSON object")
+            unknown = set(body) - {"stream_usage", "stream_interval_ms"}
+            if unknown:
+                raise ValueError(f"unknown settings {sorted(unknown)}")
+            stream_usage = body.get("stream_usage", self.state.stream_usage)
+            interval = float(body.get("stream_interval_ms", self.state.stream_interval_ms))
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            return JSONResponse({"error": f"bad /_sim/config body: {exc}"}, status_code=400)
+        if not isinstance(stream_usage, bool) or not 0 <= interval <= 10_000:
+            return JSONResponse(
+                {"error": "stream_usage must be a boolean, stream_interval_ms 0-10000"},
+                status_code=400,
+            )
+        self.state.stream_usage = stream_usage
+        self.state.stream_interval_ms = interval
+        return JSONResponse({"stream_usage": stream_usage, "stream_interval_ms": interval})
+
     async def sim_reset(self, request: Request) -> Response:
         """``POST /_sim/reset``: forget counters, failures and rate windows (simulator-only)."""
         self.state.reset()
         return JSONResponse({"reset": True})
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its body generator when the response ends, however it ends.
+
+    Starlette leaves a generator whose client went away to the garbage collector; closing it
+    here runs its ``finally`` at once, so ``streams_closed_early`` is exact when a test reads it.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            body = self.body_iterator
+            if hasattr(body, "aclose"):
+                await body.aclose()
 
 
 def create_app(config: SimConfig) -> Starlette:
@@ -645,7 +716,10 @@ async def serve(config: SimConfig) -> None:
     Why bind the socket ourselves: ``--port 0`` then works race-free and the printed URL carries
     the port the kernel chose. uvicorn installs SIGTERM/SIGINT handlers for graceful shutdown.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP. Without
+    # it every keep-alive response (headers and body are two writes) waits ~40 ms for the
+    # client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
     sock.set_inheritable(True)

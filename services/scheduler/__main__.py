@@ -29,6 +29,8 @@ async def serve() -> None:
     setup_process(config.telemetry)
     catalog = load_catalog(config.catalog)
 
+    # One pooled SDK client per provider, closed at shutdown (dispatcher.close). The key is
+    # read once here; without one the provider's calls answer UNAVAILABLE naming the variable.
     hosted_clients = {}
     for provider in catalog.providers.values():
         api_key = os.environ.get(provider.api_key_env, "")
@@ -41,8 +43,10 @@ async def serve() -> None:
             HostedConfig(
                 base_url=provider.base_url,
                 api_key=api_key,
-                request_timeout_s=config.hosted_timeout_s,
-                max_retries=config.hosted_max_retries,
+                api_key_env=provider.api_key_env,
+                provider=provider.name,
+                retry=config.hosted_retry,
+                breaker=config.hosted_breaker,
             )
         )
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from libs.config import ServerConfig, TelemetryConfig, catalog_path, env_float, env_int
 from libs.credentials import Credentials
+from libs.retry import RetryPolicy
+from services.scheduler.breaker import BreakerConfig
 from services.scheduler.nodes import HealthConfig
 from services.scheduler.placement import PlacementConfig
 
@@ -20,8 +22,9 @@ class SchedulerConfig:
     telemetry: TelemetryConfig
     credentials: Credentials
     catalog: Path
-    hosted_timeout_s: float
-    hosted_max_retries: int
+    # How hosted calls retry (libs/retry.py) and when a provider's circuit opens (breaker.py).
+    hosted_retry: RetryPolicy
+    hosted_breaker: BreakerConfig
     default_timeout_s: float
     hosted_inflight_batches: int
     health: HealthConfig
@@ -34,8 +37,29 @@ class SchedulerConfig:
             telemetry=TelemetryConfig.from_env("scheduler", env),
             credentials=Credentials.from_env(env),
             catalog=catalog_path(env),
-            hosted_timeout_s=env_float("SHEPHERD_HOSTED_TIMEOUT_S", 60.0, minimum=0.01, env=env),
-            hosted_max_retries=env_int("SHEPHERD_HOSTED_MAX_RETRIES", 3, minimum=0, env=env),
+            # SHEPHERD_HOSTED_TIMEOUT_S: how long one attempt may wait for its first byte
+            # before it is abandoned and retried (a whole call is bounded by the request's
+            # deadline); SHEPHERD_HOSTED_MAX_RETRIES: retries after the first attempt.
+            hosted_retry=RetryPolicy(
+                attempts=env_int("SHEPHERD_HOSTED_MAX_RETRIES", 3, minimum=0, env=env) + 1,
+                base_s=0.25,
+                max_s=8.0,
+                jitter=0.5,
+                attempt_timeout_s=env_float(
+                    "SHEPHERD_HOSTED_TIMEOUT_S", 60.0, minimum=0.01, env=env
+                ),
+            ),
+            # Consecutive failed calls that open a provider's circuit, and its first cool-down
+            # (doubling on every failed probe up to 30 s).
+            hosted_breaker=BreakerConfig(
+                failure_threshold=env_int(
+                    "SHEPHERD_HOSTED_BREAKER_FAILURES", 5, minimum=1, env=env
+                ),
+                open_cooldown_s=env_float(
+                    "SHEPHERD_HOSTED_BREAKER_COOLDOWN_S", 1.0, minimum=0.01, env=env
+                ),
+                max_cooldown_s=30.0,
+            ),
             # Applies when the caller set no gRPC deadline, so nothing waits forever.
             default_timeout_s=env_float(
                 "SHEPHERD_SCHEDULER_DEFAULT_TIMEOUT_S", 120.0, minimum=0.01, env=env

@@ -13,10 +13,11 @@ Among the free nodes that hold the model, two are sampled and the one with less 
 batches times its EMA batch latency) wins: the power of two choices.
 
 Health comes from two sides. A poller asks every node ServerReady, and ModelReady for each
-model it should hold. Failed calls feed a circuit breaker: after `failure_threshold`
-consecutive failures a node is OPEN and gets nothing for a cool-down that doubles on every
-failed probe; then it is HALF_OPEN and exactly one probe (a poll or a batch) decides. When
-every node of a pool is OPEN, a request fails at once with UNAVAILABLE instead of waiting.
+model it should hold. Failed calls feed a circuit breaker (breaker.py, shared with the hosted
+providers): after `failure_threshold` consecutive failures a node is OPEN and gets nothing for
+a cool-down that doubles on every failed probe; then it is HALF_OPEN and exactly one probe (a
+poll or a batch) decides. When every node of a pool is OPEN, a request fails at once with
+UNAVAILABLE instead of waiting.
 
 Nodes come from the catalog's static list or from DNS (a Kubernetes headless service), which
 is re-resolved periodically; a node that disappears from DNS gets no new work and is dropped
@@ -43,19 +44,15 @@ from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment, Pool
 from libs.errors import ShepherdError
+from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 
 _log = logging.getLogger(__name__)
 
 WaiterKey = tuple[float, int]
 
 
-class NodeState(Enum):
-    """The circuit breaker's view of a node."""
-
-    UNKNOWN = "unknown"
-    HEALTHY = "healthy"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
+# The circuit breaker's view of a node (the name servicer.py and GetStats know it by).
+NodeState = BreakerState
 
 
 class ModelState(Enum):
@@ -89,20 +86,27 @@ class HealthConfig:
     dns_interval_s: float = 5.0
     ema_alpha: float = 0.2
 
+    def breaker(self) -> BreakerConfig:
+        """The settings of each node's circuit breaker."""
+        return BreakerConfig(self.failure_threshold, self.open_cooldown_s, self.max_cooldown_s)
+
 
 class Node:
     """One Triton server, its client and everything Shepherd tracks about it."""
 
-    def __init__(self, pool: Pool, address: str, client: triton.InferenceServerClient) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        address: str,
+        client: triton.InferenceServerClient,
+        health: HealthConfig | None = None,
+    ) -> None:
         self.pool = pool
         self.address = address
         self.client = client
         self.cap = pool.max_inflight_batches
         self.memory_total_mb = pool.gpu_memory_mb
-        self.state = NodeState.UNKNOWN
-        self.failures = 0
-        self.cooldown_s = 0.0
-        self.retry_at = 0.0
+        self.breaker = CircuitBreaker((health or HealthConfig()).breaker())
         self.inflight = 0
         self.ema_s = 0.0
         self.models: dict[str, ModelOnNode] = {}
@@ -114,21 +118,38 @@ class Node:
     def memory_used_mb(self) -> int:
         return sum(m.memory_mb for m in self.models.values())
 
+    @property
+    def state(self) -> NodeState:
+        return self.breaker.state
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures since the last success."""
+        return self.breaker.failures
+
+    @property
+    def retry_at(self) -> float:
+        """When an OPEN node turns HALF_OPEN and may be probed."""
+        return self.breaker.retry_at
+
     def usable(self, now: float) -> bool:
-        """Whether the breaker lets a new batch or probe through now."""
+        """Whether the breaker lets a new batch or probe through now.
+
+        HALF_OPEN admits one probe: a batch only while none is in flight (and has_slot caps
+        it at one), or the health poll.
+        """
         if self.gone:
             return False
-        if self.state is NodeState.OPEN and now >= self.retry_at:
-            self.state = NodeState.HALF_OPEN
-        if self.state is NodeState.HALF_OPEN:
+        state = self.breaker.current(now)
+        if state is NodeState.HALF_OPEN:
             return self.inflight == 0
-        return self.state is not NodeState.OPEN
+        return state is not NodeState.OPEN
 
     def blocked_until(self, now: float) -> float | None:
         """When an OPEN node may be probed again; None when it is not blocked."""
         if self.gone:
             return None
-        return self.retry_at if self.state is NodeState.OPEN and now < self.retry_at else None
+        return self.breaker.blocked_until(now)
 
     def has_slot(self) -> bool:
         cap = 1 if self.state is NodeState.HALF_OPEN else self.cap
@@ -147,25 +168,24 @@ class Node:
             self.ema_s = (
                 latency_s if self.ema_s == 0 else alpha * latency_s + (1 - alpha) * self.ema_s
             )
-        if self.state is not NodeState.HEALTHY:
+        if self.breaker.succeeded():
             _log.info("triton node healthy", extra={"node": self.address})
-        self.state = NodeState.HEALTHY
-        self.failures = 0
-        self.cooldown_s = 0.0
 
-    def failed(self, reason: str, config: HealthConfig) -> None:
-        self.failures += 1
-        if self.state is NodeState.HALF_OPEN or self.failures >= config.failure_threshold:
-            self.cooldown_s = min(
-                config.max_cooldown_s, max(config.open_cooldown_s, self.cooldown_s * 2)
+    def failed(self, reason: str, config: HealthConfig | None = None) -> None:
+        """A poll, load or batch failed: feed the breaker, and log when it opens.
+
+        The thresholds are the breaker's, built from the pool's HealthConfig when the node was
+        added; `config` is still accepted so existing callers need not change.
+        """
+        if self.breaker.failed():
+            _log.warning(
+                "triton node circuit open",
+                extra={
+                    "node": self.address,
+                    "reason": reason,
+                    "cooldown_s": self.breaker.cooldown_s,
+                },
             )
-            self.retry_at = time.monotonic() + self.cooldown_s
-            if self.state is not NodeState.OPEN:
-                _log.warning(
-                    "triton node circuit open",
-                    extra={"node": self.address, "reason": reason, "cooldown_s": self.cooldown_s},
-                )
-            self.state = NodeState.OPEN
 
 
 class Lease:
@@ -236,7 +256,7 @@ class NodePool:
     # -- life cycle -------------------------------------------------------------------------
 
     def _add(self, address: str) -> Node:
-        node = Node(self.pool, address, self._client_factory(address))
+        node = Node(self.pool, address, self._client_factory(address), self.health)
         self.nodes[address] = node
         return node
 

@@ -6,6 +6,7 @@ format, our hosted client could pass tests and still fail against the real provi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -190,3 +191,52 @@ def test_rpm_limit_triggers_429() -> None:
         assert headers["x-ratelimit-limit-requests"] == "3"
         assert headers["x-ratelimit-remaining-requests"] == "0"
     assert limited.returncode == 0  # SIGTERM shuts it down cleanly
+
+
+def test_stream_switches_and_counters(client: openai.OpenAI, sim: SimProcess) -> None:
+    """`/_sim/config` leaves out the usage chunk and paces tokens; streams are counted."""
+    config = httpx.post(
+        f"{sim.root_url}/_sim/config", json={"stream_usage": False, "stream_interval_ms": 5}
+    )
+    assert config.json() == {"stream_usage": False, "stream_interval_ms": 5.0}
+    started = time.monotonic()
+    stream = client.chat.completions.create(
+        model="gpt-4.1",
+        messages=MESSAGES,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert time.monotonic() - started >= 5 * 12 / 1000, "at least 12 tokens, 5 ms apart"
+    assert all(chunk.usage is None for chunk in chunks), "asked for, but left out"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    # A client that goes away mid-stream is counted as closing it early.
+    early = client.chat.completions.create(model="gpt-4.1", messages=MESSAGES, stream=True)
+    next(iter(early))
+    early.close()
+    deadline = time.monotonic() + 3
+    stats = httpx.get(f"{sim.root_url}/_sim/stats").json()
+    while stats["streams_closed_early"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = httpx.get(f"{sim.root_url}/_sim/stats").json()
+    assert stats["streams_started"] == 2
+    assert stats["streams_completed"] == 1
+    assert stats["streams_closed_early"] == 1
+
+    # A reset restores the usage chunk and the full speed.
+    httpx.post(f"{sim.root_url}/_sim/reset").raise_for_status()
+    again = client.chat.completions.create(
+        model="gpt-4.1",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert [c.usage for c in again if c.usage is not None]
+
+
+def test_sim_config_refuses_bad_settings(sim: SimProcess) -> None:
+    for body in ({"stream_usage": "no"}, {"stream_interval_ms": -1}, {"speed": 2}, [1]):
+        response = httpx.post(f"{sim.root_url}/_sim/config", json=body)
+        assert response.status_code == 400, body
