@@ -11,7 +11,7 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
-.PHONY: all venv gen run test bench bench-batching bench-quota lint fmt clean
+.PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted lint fmt clean
 
 all: gen
 
@@ -41,7 +41,7 @@ test: gen lint
 	$(BIN)/python -m pytest
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
-bench: bench-batching bench-quota
+bench: bench-batching bench-quota bench-hosted
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -51,6 +51,11 @@ bench-batching: gen
 # The CPU and Redis round trips that budgets and rate limits add per request, on a real Valkey.
 bench-quota: gen
 	$(BIN)/python -m bench.quota
+
+# CPU per hosted call of the openai SDK's two transports (httpx, aiohttp), streaming and not,
+# against the provider simulator.
+bench-hosted: gen
+	$(BIN)/python -m bench.hosted_transport
 
 lint: gen
 	$(BIN)/ruff check .
