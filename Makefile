@@ -62,6 +62,8 @@ lint: gen
 	$(BIN)/ruff format --check .
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code > /dev/null
+	# Contracts change additively: nothing on main that callers build on may break.
+	$(BIN)/buf breaking --against '.git#branch=main'
 
 fmt: venv
 	$(BIN)/ruff check --fix .

@@ -87,6 +87,11 @@ class Deployment:
     provider: str = ""
     memory_mb: int = 0
     max_nodes: int = 1
+    # "scheduler": Shepherd forms batches (Triton's dynamic batching rules); "engine": the
+    # backend batches continuously inside its engine (vLLM, TensorRT-LLM on Triton) and wants
+    # one request per sequence, so each request is sent on its own, bounded by the pool's
+    # max_inflight_batches per node.
+    batching: Literal["scheduler", "engine"] = "scheduler"
 
 
 @dataclass(frozen=True)
@@ -347,6 +352,12 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                 if pool not in pools:
                     raise ConfigError(f"{dep_where}: unknown pool {pool!r}")
                 backend_model = str(_require(dep, "model", dep_where))
+                mode = str(dep.get("batching", "scheduler"))
+                if mode not in ("scheduler", "engine"):
+                    raise ConfigError(
+                        f"{dep_where}.batching: 'scheduler' (Shepherd forms batches) or 'engine'"
+                        f" (the backend batches inside its engine), not {mode!r}"
+                    )
                 deployment = Deployment(
                     name=str(dep.get("name", f"{pool}/{backend_model}")),
                     kind="triton",
@@ -354,6 +365,7 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     pool=pool,
                     memory_mb=int(dep.get("memory_mb", 0)),
                     max_nodes=_positive(dep, "max_nodes", 1, dep_where),
+                    batching=mode,  # type: ignore[arg-type]
                 )
                 if not 0 <= deployment.memory_mb <= pools[pool].gpu_memory_mb:
                     raise ConfigError(
@@ -383,6 +395,9 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                 "first; hosted deployments after it are its spill-over and fallback targets "
                 "(put more nodes in the pool to add capacity)"
             )
+        if deployments[0].batching == "engine":
+            # One request per sequence: the engine batches continuously by itself.
+            batching_spec = {"max_batch_size": 1, "max_queue_delay_ms": 0}
         batching = Batching(
             max_batch_size=int(batching_spec.get("max_batch_size", 8)),
             max_queue_delay_ms=float(batching_spec.get("max_queue_delay_ms", 50)),

@@ -202,9 +202,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return _refusal(handler, *refusal)
 
 
-class TokenClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
+class _TokenInterceptor:
     """Adds the service token to every call on a peer channel, so no call can forget it."""
 
     def __init__(self, credentials: Credentials) -> None:
@@ -216,12 +214,29 @@ class TokenClientInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class TokenClientInterceptor(_TokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
+    """The service token on unary calls."""
+
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class TokenStreamInterceptor(_TokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """The service token on server-streaming calls.
+
+    A separate class because grpc.aio files each interceptor under the first call type it
+    implements only.
+    """
+
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request)
+
+
+def token_interceptors(credentials: Credentials) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that send the service token on every unary and server-streaming call."""
+    return [TokenClientInterceptor(credentials), TokenStreamInterceptor(credentials)]

@@ -9,7 +9,7 @@ the router sees the scheduler's own explanation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -108,6 +108,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError, peer: str) -> ShepherdError:
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -123,28 +124,48 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        behavior: Handler = handler.unary_unary
         method = handler_call_details.method
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            behavior: Handler = handler.unary_unary
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await behavior(request, context)
-            except ShepherdError as error:
-                await context.abort(error.code, error.message, error.trailing_metadata())
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                trace_id = current_trace_id()
-                _log.exception("unhandled error", extra={"method": method})
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error in {method}; see the service logs for trace id {trace_id}",
-                )
+            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                except Exception as error:
+                    await _abort(context, error, method)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(guarded, **kwargs)
+        if handler.unary_stream is not None:
+            stream: StreamHandler = handler.unary_stream
+
+            async def guarded_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for response in stream(request, context):
+                        yield response
+                except Exception as error:
+                    await _abort(context, error, method)
+
+            return grpc.unary_stream_rpc_method_handler(guarded_stream, **kwargs)
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    """End the call with the status `error` maps to (see ErrorInterceptor)."""
+    if isinstance(error, ShepherdError):
+        await context.abort(error.code, error.message, error.trailing_metadata())
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    trace_id = current_trace_id()
+    _log.exception("unhandled error", extra={"method": method})
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method}; see the service logs for trace id {trace_id}",
+    )

@@ -27,7 +27,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from libs.config import ConfigError, ServerConfig, TelemetryConfig
-from libs.credentials import AccessInterceptor, Credentials, TokenClientInterceptor
+from libs.credentials import AccessInterceptor, Credentials, token_interceptors
 from libs.errors import ErrorInterceptor
 from libs.logs import setup_logging
 from libs.telemetry import client_interceptors, server_interceptors, setup_metrics, setup_tracing
@@ -139,7 +139,7 @@ def open_channel(address: str, credentials: Credentials) -> grpc.aio.Channel:
         interceptors=[
             _CancelOuter(),
             *client_interceptors(),
-            TokenClientInterceptor(credentials),
+            *token_interceptors(credentials),
             _CancelInner(),
         ],
     )

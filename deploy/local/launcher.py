@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deploy.local.ports import free_port
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.provider_sim import SimProcess
-from deploy.local.triton import TritonNode, TritonNodeConfig
+from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.apikeys import issue_key_at
 from libs.config import DEFAULT_PORTS, REPO_ROOT, env_int
@@ -52,6 +52,8 @@ class MeshConfig:
     otlp_endpoint: str = ""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # The shared secret the services authenticate each other with, and the operators' key.
+    # The Triton model repository the local node serves (tests add models of their own).
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
     internal_token: str = field(default_factory=lambda: secrets.token_hex(32))
     admin_key: str = field(default_factory=lambda: "sk-admin-" + secrets.token_urlsafe(32))
 
@@ -175,11 +177,12 @@ class LocalMesh:
         self.triton = TritonNode(
             TritonNodeConfig.with_free_ports(
                 work_dir=self.config.run_dir / "triton",
+                model_repository=self.config.model_repository,
                 log_file=self.log_dir / "triton.log",
                 # The scheduler owns placement (explicit mode); the model it serves by default
                 # is loaded up front so the first request does not wait for a load.
                 model_control_mode="explicit",
-                load_models=("tiny_lm",),
+                load_models=("tiny_lm", "tiny_lm_stream"),
             )
         ).start()
         if not self.config.hosted_api_key:

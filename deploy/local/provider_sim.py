@@ -14,6 +14,9 @@ and *only* for it. It reproduces the parts of the wire contract the scheduler de
 
 Simulator-only test hooks live under ``/_sim/`` and are NOT part of the OpenAI API:
 
+* ``POST /_sim/fail``  ``{"cut_after": 3, "count": 1}`` instead cuts the next ``count`` streams
+  after that many content chunks: the connection drops mid-body, as a provider's does when it
+  fails mid-answer;
 * ``POST /_sim/fail``  ``{"status": 429, "count": 2, "retry_after": 1}`` makes the next ``count``
   chat calls (after authentication) fail with that status (429 adds ``Retry-After``);
 * ``GET /_sim/stats``  counters plus the last ``traceparent`` header, to prove W3C trace context
@@ -233,6 +236,7 @@ class SimState:
     per_model: collections.Counter[str] = field(default_factory=collections.Counter)
     status_counts: collections.Counter[str] = field(default_factory=collections.Counter)
     last_traceparent: str | None = None
+    pending_cuts: collections.deque[int] = field(default_factory=collections.deque)
     last_tracestate: str | None = None
     last_headers: dict[str, str] = field(default_factory=dict)
     pending_failures: collections.deque[FailSpec] = field(default_factory=collections.deque)
@@ -588,10 +592,13 @@ class ProviderSim:
             return [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]
 
         st.streams_started += 1
+        cut_after = st.pending_cuts.popleft() if st.pending_cuts else None
         completed = False
         try:
             yield chunk(delta({"role": "assistant", "content": "", "refusal": None}), None)
-            for piece in stream_pieces(tokens):
+            for sent, piece in enumerate(stream_pieces(tokens)):
+                if sent == cut_after:
+                    raise ConnectionAbortedError("injected: the stream is cut mid-answer")
                 await asyncio.sleep(interval_s)
                 yield chunk(delta({"content": piece}), None)
             yield chunk(delta({}, finish_reason), None)
@@ -624,6 +631,12 @@ class ProviderSim:
         """``POST /_sim/fail``: queue ``count`` failures with ``status`` (simulator-only)."""
         try:
             body = json.loads(await request.body() or b"{}")
+            if "cut_after" in body:
+                cut_after, count = int(body["cut_after"]), int(body.get("count", 1))
+                if cut_after < 0 or count < 0:
+                    raise ValueError("cut_after and count must be >= 0")
+                self.state.pending_cuts.extend([cut_after] * count)
+                return JSONResponse({"queued_cuts": len(self.state.pending_cuts)})
             status = int(body.get("status", 500))
             count = int(body.get("count", 1))
             retry_after_raw = body.get("retry_after")

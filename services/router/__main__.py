@@ -13,6 +13,7 @@ from libs.catalog import load_catalog
 from libs.server import Binding, main, open_channel, open_redis, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
+from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
 from services.router.servicer import RouterServicer
 
@@ -27,15 +28,18 @@ async def serve() -> None:
         for address in (config.scheduler_addr, config.cache_addr, config.billing_addr)
     ]
     scheduler, cache, billing = channels
-    servicer = RouterServicer(
+    authenticator = Authenticator(KeyStore(redis_client), config.key_cache_s)
+    billing_stub = billing_pb2_grpc.BillingServiceStub(billing)
+    pipeline = ChatPipeline(
         config,
         catalog,
-        Authenticator(KeyStore(redis_client), config.key_cache_s),
+        authenticator,
         Quota(Accounts(redis_client), config.quota),
         scheduler_pb2_grpc.SchedulerServiceStub(scheduler),
         cache_pb2_grpc.CacheServiceStub(cache),
-        billing_pb2_grpc.BillingServiceStub(billing),
+        billing_stub,
     )
+    servicer = RouterServicer(config, catalog, authenticator, pipeline, billing_stub)
 
     async def close_channels() -> None:
         for channel in channels:

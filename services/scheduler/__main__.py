@@ -20,6 +20,7 @@ from services.scheduler.placement import Placer
 from services.scheduler.queue import ModelQueue
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.stats import ModelStats, observe_queue_depth
+from services.scheduler.triton import TritonBackend
 
 _log = logging.getLogger("services.scheduler")
 
@@ -67,7 +68,7 @@ async def serve() -> None:
     )
     stats = {name: ModelStats(name) for name in catalog.models}
     dispatcher = Dispatcher(
-        pools, HostedBackend(hosted_clients), stats, config.hosted_inflight_batches
+        pools, TritonBackend(), HostedBackend(hosted_clients), stats, config.hosted_inflight_batches
     )
     batchers = {
         name: Batcher(

@@ -1,5 +1,13 @@
 """Running a formed batch: where it runs, one retry on another node, fallback and spill-over.
 
+Every backend speaks one protocol (services/scheduler/events.py): `run(target, batch)`
+yields each request's deltas and its final event as they are produced, and the dispatcher
+passes them into each request's event channel. The Triton backend streams a decoupled model
+step by step (or answers a one-shot model in one piece); the hosted backend streams SSE. A
+batch may move to another node, or a request to the next deployment, only while nothing has
+reached its caller: once a delta is out, the request ends where it is, and an error after
+that ends it with the usage so far.
+
 A model's first deployment decides where its queue drains: a Triton pool (capacity granted
 per node by nodes.py) or a hosted API (a bounded number of concurrent batches per model).
 
@@ -25,21 +33,21 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan
-from shepherd.common.v1 import common_pb2
 
 from libs.catalog import Deployment, Model
 from libs.errors import ShepherdError
 from services.scheduler.batcher import Slot, WaiterKey
+from services.scheduler.events import Delta, Event, Final
 from services.scheduler.hosted import HostedBackend
 from services.scheduler.nodes import Lease, NodePool
 from services.scheduler.queue import PendingRequest, expired
 from services.scheduler.stats import ModelStats
-from services.scheduler.triton import NodeUnavailable, infer
+from services.scheduler.triton import NodeUnavailable, TritonBackend
 
 _tracer = trace.get_tracer(__name__)
 
@@ -68,11 +76,13 @@ class Dispatcher:
     def __init__(
         self,
         pools: Mapping[str, NodePool],
+        triton: TritonBackend,
         hosted: HostedBackend,
         stats: Mapping[str, ModelStats],
         hosted_inflight_batches: int,
     ) -> None:
         self._pools = pools
+        self._triton = triton
         self._hosted = hosted
         self._stats = stats
         self._hosted_slots: dict[str, asyncio.Semaphore] = {}
@@ -169,7 +179,7 @@ class Dispatcher:
         now = time.monotonic()
         live = []
         for item in batch:
-            if item.future.done():
+            if item.events.done:
                 continue
             if item.deadline <= now:
                 item.settle(expired())
@@ -185,7 +195,11 @@ class Dispatcher:
         failures: list[str],
         span: trace.Span,
     ) -> list[PendingRequest]:
-        """Run on the leased node, retrying once elsewhere; returns requests still unanswered."""
+        """Run on the leased node, retrying once elsewhere; returns requests still unanswered.
+
+        A node that cannot take the batch at all fails before any token is sent, so the whole
+        batch may go to another node; after that, each request's own events decide.
+        """
         deployment = lease.deployment
         pool = self._pools[deployment.pool]
         tried: set[str] = set()
@@ -196,10 +210,9 @@ class Dispatcher:
                 return []
             tried.add(lease.address)
             started = time.monotonic()
-            timeout_s = max(item.deadline for item in live) - started
             try:
-                outcomes = await infer(
-                    lease.node.client, lease.address, deployment, live, timeout_s
+                retry = await self._stream(
+                    model, self._triton.run(lease, live), live, deployment, span
                 )
             except NodeUnavailable as error:
                 lease.release(failure=error.message)
@@ -227,10 +240,10 @@ class Dispatcher:
                 return []
             latency_s = time.monotonic() - started
             lease.release(latency_s=latency_s)
-            self._record(model, live, outcomes, latency_s, lease.address, True)
+            self._stats[model.name].dispatched(latency_s, lease.address, True)
             span.set_attribute("shepherd.deployment", deployment.name)
             span.set_attribute("shepherd.triton.node", lease.address)
-            return []
+            return retry
         return []
 
     async def _run_hosted(
@@ -242,50 +255,98 @@ class Dispatcher:
         span: trace.Span,
         spilled: bool = False,
     ) -> list[PendingRequest]:
-        """Try hosted deployments in order; returns requests still unanswered."""
+        """Try hosted deployments in order; returns requests still unanswered.
+
+        A request moves on to the next deployment only while nothing has been sent to its
+        caller: once a token is out, its stream ends where it is.
+        """
+        pending = batch
         for deployment in deployments:
-            live = self._live(batch)
+            live = self._live(pending)
             if not live:
                 return []
             started = time.monotonic()
             try:
-                outcomes = await self._hosted.run(deployment, live)
+                pending = await self._stream(
+                    model,
+                    self._hosted.run(deployment, live),
+                    live,
+                    deployment,
+                    span,
+                    spilled=spilled,
+                    failures=failures,
+                )
             except ShepherdError as error:
-                if error.code != grpc.StatusCode.UNAVAILABLE:
-                    for item in live:
-                        item.settle(error)
-                    return []
-                failures.append(f"{deployment.name}: {error.message}")
-                span.add_event("deployment.unavailable", {"deployment": deployment.name})
-                continue
-            span.set_attribute("shepherd.deployment", deployment.name)
-            if spilled:
-                for outcome in outcomes:
-                    if isinstance(outcome, common_pb2.Completion):
-                        outcome.placement.spilled_over = True
+                for item in live:
+                    item.settle(error)
+                return []
             primary = deployment is model.deployments[0]
-            latency_s = time.monotonic() - started
-            self._record(model, live, outcomes, latency_s, deployment.name, primary)
-            return []
-        return self._live(batch)
+            self._stats[model.name].dispatched(time.monotonic() - started, deployment.name, primary)
+            if not pending:
+                span.set_attribute("shepherd.deployment", deployment.name)
+                return []
+            span.add_event("deployment.unavailable", {"deployment": deployment.name})
+        return self._live(pending)
 
-    def _record(
+    async def _stream(
         self,
         model: Model,
+        events: AsyncIterator[tuple[int, Event]],
         batch: Sequence[PendingRequest],
-        outcomes: Sequence[common_pb2.Completion | ShepherdError],
-        latency_s: float,
-        where: str,
-        primary: bool,
-    ) -> None:
+        deployment: Deployment,
+        span: trace.Span,
+        *,
+        spilled: bool = False,
+        failures: list[str] | None = None,
+    ) -> list[PendingRequest]:
+        """Deliver a backend's events to each request's channel, as they come.
+
+        Returns the requests that failed UNAVAILABLE before their first token (they may try
+        the next deployment). Every other request ends here with its Final or its error.
+        """
         stats = self._stats[model.name]
-        stats.dispatched(latency_s, where, primary)
-        completed = 0
-        for item, outcome in zip(batch, outcomes, strict=True):
-            if not isinstance(outcome, ShepherdError) and not item.future.done():
-                completed += 1
-            item.settle(outcome)
-        stats.outcome("completed", completed)
+        retry: list[PendingRequest] = []
+        ended = [False] * len(batch)
+        try:
+            async for row, event in events:
+                item = batch[row]
+                now = time.monotonic()
+                if isinstance(event, Delta):
+                    first = item.events.first_delta_at is None
+                    item.events.delta(event, now)
+                    if first and item.events.first_delta_at is not None:
+                        stats.first_token(now - item.enqueued_at)
+                    continue
+                ended[row] = True
+                if isinstance(event, Final):
+                    if spilled:
+                        event.completion.placement.spilled_over = True
+                    if not item.events.done:
+                        stats.outcome("completed")
+                        stats.finished(item.events.first_delta_at, now, event.completion)
+                    item.events.finish(event)
+                elif (
+                    event.error.code == grpc.StatusCode.UNAVAILABLE
+                    and not item.events.started
+                    and failures is not None
+                ):
+                    failures.append(f"{deployment.name}: {event.error.message}")
+                    retry.append(item)
+                else:
+                    item.events.fail(event.error, event.usage)
+                if all(ended[i] or batch[i].events.done for i in range(len(batch))):
+                    break
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        for row, item in enumerate(batch):
+            if not ended[row] and not item.events.done:
+                item.settle(
+                    ShepherdError(
+                        grpc.StatusCode.INTERNAL,
+                        f"{deployment.name} ended without answering this request",
+                    )
+                )
+        return retry
 
     async def close(self) -> None:
         await self._hosted.close()

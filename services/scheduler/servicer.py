@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -12,10 +12,11 @@ from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.apikeys import valid_tenant
-from libs.catalog import Catalog
+from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, invalid_argument
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
+from services.scheduler.events import finish_reason
 from services.scheduler.nodes import ModelState, NodePool, NodeState
 from services.scheduler.placement import LOAD, LOAD_FAILED, UNLOAD, Placer
 from services.scheduler.queue import CLASSES, PendingRequest
@@ -39,6 +40,30 @@ _ACTIONS = {
 }
 
 
+def _too_late(model: Model, timeout_s: float) -> ShepherdError:
+    return ShepherdError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"no answer from the {model.name} backends within {timeout_s:.1f}s",
+    )
+
+
+def _final(
+    reason: int,
+    used: common_pb2.Usage,
+    placement: common_pb2.Placement | None,
+    *,
+    estimated: bool = False,
+) -> scheduler_pb2.InferStreamResponse:
+    return scheduler_pb2.InferStreamResponse(
+        final=common_pb2.CompletionFinal(
+            finish_reason=reason,  # type: ignore[arg-type]
+            usage=used,
+            placement=placement,
+            usage_estimated=estimated,
+        )
+    )
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     """Validates requests, hands them to admission and reads the scheduler's state."""
 
@@ -58,9 +83,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._placers = placers
         self._default_timeout_s = default_timeout_s
 
-    async def Infer(
-        self, request: scheduler_pb2.InferRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.InferResponse:
+    def _pending(
+        self,
+        request: scheduler_pb2.InferRequest | scheduler_pb2.InferStreamRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[Model, PendingRequest, float]:
+        """Validate a request (even from the router: it owns its input) and make it pending."""
         model = self._catalog.resolve(request.model)
         violations = []
         if not valid_tenant(request.tenant):
@@ -87,17 +115,55 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             self_hosted_only=request.self_hosted_only,
             weight=self._catalog.tenant(request.tenant).weight,
         )
-        # If the caller cancels, awaiting cancels the future too: the request leaves the
-        # queue at once and is never dispatched.
+        return model, item, timeout_s
+
+    async def Infer(
+        self, request: scheduler_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.InferResponse:
+        model, item, timeout_s = self._pending(request, context)
+        # If the caller cancels, awaiting cancels the outcome too: the request leaves the
+        # queue at once and is never dispatched, or its backend stream is closed.
         try:
             await self._admission.admit(model, item)
             completion = await asyncio.wait_for(item.future, timeout_s)
         except TimeoutError:
-            raise ShepherdError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer from the {model.name} backends within {timeout_s:.1f}s",
-            ) from None
+            raise _too_late(model, timeout_s) from None
         return scheduler_pb2.InferResponse(completion=completion)
+
+    async def InferStream(
+        self, request: scheduler_pb2.InferStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.InferStreamResponse]:
+        """Deltas as the backend produces them, then one final chunk on every path.
+
+        On an error or a passed deadline after some text, the final chunk carries the usage
+        so far (so the router bills what was generated), then the error status follows.
+        """
+        model, item, timeout_s = self._pending(request, context)
+        channel = item.events
+        try:
+            await self._admission.admit(model, item)
+            async with asyncio.timeout(timeout_s):
+                async for delta in channel.deltas():
+                    yield scheduler_pb2.InferStreamResponse(
+                        delta=common_pb2.CompletionDelta(text=delta.text, usage=delta.usage)
+                    )
+                completion = await item.future
+        except TimeoutError:
+            if channel.started:
+                yield _final(common_pb2.FINISH_REASON_CANCELLED, channel.partial_usage, None)
+            raise _too_late(model, timeout_s) from None
+        except ShepherdError:
+            if channel.started or channel.partial_usage.total_tokens:
+                yield _final(common_pb2.FINISH_REASON_ERROR, channel.partial_usage, None)
+            raise
+        finally:
+            item.future.cancel()  # the caller went away (or it is done): stop the work
+        yield _final(
+            finish_reason(completion.finish_reason),
+            completion.usage,
+            completion.placement,
+            estimated=channel.estimated,
+        )
 
     async def GetStats(
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
@@ -136,6 +202,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     dispatch_latency_p50_ms=percentile(stats.dispatch_ms, 0.5),
                     dispatch_latency_p99_ms=percentile(stats.dispatch_ms, 0.99),
                     estimated_wait_ms=batcher.estimated_wait_s(1) * 1000,
+                    ttft_p50_ms=percentile(stats.ttft_ms, 0.5),
+                    ttft_p99_ms=percentile(stats.ttft_ms, 0.99),
+                    time_per_output_token_p50_ms=percentile(stats.tpot_ms, 0.5),
+                    time_per_output_token_p99_ms=percentile(stats.tpot_ms, 0.99),
                     tenants=_tenant_stats(stats, queue.tenant_depths()),
                 )
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import metrics
 
@@ -35,6 +36,16 @@ _queue_wait = _meter.create_histogram(
 )
 _dispatch_latency = _meter.create_histogram(
     "shepherd.scheduler.dispatch.latency", unit="ms", description="Time a batch took to run."
+)
+_ttft = _meter.create_histogram(
+    "shepherd.scheduler.time_to_first_token",
+    unit="ms",
+    description="From admission to a request's first generated text.",
+)
+_tpot = _meter.create_histogram(
+    "shepherd.scheduler.time_per_output_token",
+    unit="ms",
+    description="Mean time between a request's output tokens after the first.",
 )
 _placement = _meter.create_counter(
     "shepherd.scheduler.placement.events", unit="{event}", description="Model loads and unloads."
@@ -75,6 +86,8 @@ class ModelStats:
     queue_wait_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     dispatch_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     dispatch_ema_s: float = 0.0
+    ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     # Least recently seen first; bounded by MAX_TENANTS.
     tenants: OrderedDict[str, TenantStats] = field(default_factory=OrderedDict)
 
@@ -116,6 +129,20 @@ class ModelStats:
             self.queue_wait_ms.append(wait)
             self.tenant(tenant).queue_wait_ms.append(wait)
             _queue_wait.record(wait, attributes)
+
+    def first_token(self, since_admitted_s: float) -> None:
+        """A request sent its first text, `since_admitted_s` after it was admitted."""
+        self.ttft_ms.append(since_admitted_s * 1000)
+        _ttft.record(since_admitted_s * 1000, {"model": self.model})
+
+    def finished(self, first_at: float | None, now: float, completion: Any) -> None:
+        """A request ended; time per output token after the first, when it streamed several."""
+        tokens = completion.usage.completion_tokens
+        if first_at is None or tokens < 2:
+            return
+        per_token_ms = (now - first_at) * 1000 / (tokens - 1)
+        self.tpot_ms.append(per_token_ms)
+        _tpot.record(per_token_ms, {"model": self.model})
 
     def dispatched(self, latency_s: float, where: str, primary: bool) -> None:
         """A batch came back from `where` after `latency_s`.

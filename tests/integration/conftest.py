@@ -14,7 +14,7 @@ from shepherd.router.v1 import router_pb2_grpc
 
 from deploy.local.launcher import LocalMesh, MeshConfig
 from libs.apikeys import issue_key_at
-from tests.support.catalog import write_test_catalog
+from tests.support.catalog import write_test_catalog, write_test_repository
 from tests.support.otlp_receiver import OtlpReceiver
 
 Metadata = tuple[tuple[str, str], ...]
@@ -45,6 +45,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterat
     config = MeshConfig.ephemeral(
         run_dir,
         otlp_endpoint=otlp.endpoint,
+        model_repository=write_test_repository(tmp_path_factory.mktemp("models")),
         extra_env={
             "SHEPHERD_CATALOG": str(write_test_catalog(run_dir / "catalog.yaml")),
             "OTEL_BSP_SCHEDULE_DELAY": "100",

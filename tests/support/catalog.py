@@ -6,6 +6,10 @@ exercise what the shipped one does not.
 - `sovereign-hosted` and `sovereign-local`: one model family, answered by the hosted API and
   by the local Triton node, so a cached hosted answer is visible to the self-hosted model.
 - tenants `grp-a` and `grp-b` in cache group `corp`, and the self-hosted-only `sovereign`.
+- `tiny-slow`: the streaming model decoding exactly max_tokens, 50 ms a step, so a test can
+  cancel it mid-stream or let its deadline pass; and `tiny-engine`, the streaming model as an
+  engine-batched deployment (one request per sequence). Both are copies in a test model
+  repository (`write_test_repository`), so their Triton statistics are their own.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from pathlib import Path
 import yaml
 
 from deploy.local.ports import free_port
+from deploy.local.triton import DEFAULT_MODEL_REPOSITORY
 from libs.config import DEFAULT_CATALOG
 
 OFFLINE_MODEL = "offline-tiny"
 SHARED_MODEL = "shared-tiny"
 SOVEREIGN_HOSTED = "sovereign-hosted"
 SOVEREIGN_LOCAL = "sovereign-local"
+SLOW_MODEL, SLOW_TRITON_MODEL = "tiny-slow", "tiny_lm_slow"
+ENGINE_MODEL, ENGINE_TRITON_MODEL = "tiny-engine", "tiny_lm_engine"
 GROUP_TENANTS = ("grp-a", "grp-b")
 SOVEREIGN_TENANT = "sovereign"
 
@@ -58,6 +65,29 @@ def write_test_catalog(path: Path) -> Path:
             {"name": "local/sovereign", "kind": "triton", "pool": "local", "model": "tiny_lm"}
         ],
     }
+    stream = data["models"]["shepherd-tiny-stream"]
+    data["models"][SLOW_MODEL] = {
+        **stream,
+        "aliases": [],
+        "family": SLOW_MODEL,
+        "deployments": [
+            {"kind": "triton", "pool": "local", "model": SLOW_TRITON_MODEL, "memory_mb": 256}
+        ],
+    }
+    data["models"][ENGINE_MODEL] = {
+        **stream,
+        "aliases": [],
+        "family": ENGINE_MODEL,
+        "deployments": [
+            {
+                "kind": "triton",
+                "pool": "local",
+                "model": ENGINE_TRITON_MODEL,
+                "memory_mb": 256,
+                "batching": "engine",
+            }
+        ],
+    }
     data["tenants"] = {
         **data.get("tenants", {}),
         **{name: {"cache_group": "corp"} for name in GROUP_TENANTS},
@@ -65,3 +95,24 @@ def write_test_catalog(path: Path) -> Path:
     }
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def write_test_repository(root: Path) -> Path:
+    """The shipped model repository plus the test copies of the streaming model."""
+    for model in DEFAULT_MODEL_REPOSITORY.iterdir():
+        (root / model.name).symlink_to(model, target_is_directory=True)
+    stream = DEFAULT_MODEL_REPOSITORY / "tiny_lm_stream"
+    config = (stream / "config.pbtxt").read_text().replace('name: "tiny_lm_stream"', "")
+    for name, extra in (
+        (SLOW_TRITON_MODEL, {"ignore_eos": "true", "step_delay_ms": "50"}),
+        (ENGINE_TRITON_MODEL, {}),
+    ):
+        (root / name / "1").mkdir(parents=True)
+        for source in (stream / "1").iterdir():
+            (root / name / "1" / source.name).symlink_to(source.resolve())
+        parameters = "".join(
+            f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+            for key, value in extra.items()
+        )
+        (root / name / "config.pbtxt").write_text(f'name: "{name}"\n{config}\n{parameters}')
+    return root

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - exercised when imported outside Triton
 
 import json
 import re
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -656,6 +657,10 @@ class TritonPythonModel:
         # config.pbtxt: parameters { key: "ignore_eos" value: { string_value: "true" } }
         parameter = self.model_config.get("parameters", {}).get("ignore_eos", {})
         self.ignore_eos = parameter.get("string_value", "").lower() == "true"
+        # parameters { key: "step_delay_ms" ... }: a slower model, so tests can act between
+        # streamed steps (cancel mid-stream, let a deadline pass); 0 by default.
+        delay = self.model_config.get("parameters", {}).get("step_delay_ms", {})
+        self.step_delay_s = float(delay.get("string_value", "0") or 0) / 1000
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
@@ -720,6 +725,8 @@ class TritonPythonModel:
         sent = [0] * len(rows.prompts)  # tokens of each row already sent
         try:
             for step in steps:
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s)
                 pieces = []
                 for row, ids in enumerate(step.generated):
                     pieces.append(

@@ -1,0 +1,363 @@
+"""The request path of a chat, independent of the transport that carries it.
+
+authenticate → resolve → validate → reserve (budget, rate limits) → cache → schedule (stream)
+→ bill → store → answer. `ChatPipeline.run` yields `Text` events as the answer is generated
+and then exactly one `Ending`, on every path: a normal end, a cache hit (replayed as a
+stream), max_tokens, a backend error after some text (the Ending carries the usage so far and
+what it cost; the error is raised after it), and a passed deadline. gRPC's Chat collects the
+events, ChatStream forwards them, and an HTTP edge will be a third adapter over the same run.
+
+Money on every path: what was generated is billed exactly once. A request that ends before
+any text gives its reservation back; a request cut off after some text (an error, or the
+caller going away) is billed for the tokens the scheduler reported with its last delta. An
+answer that could not be billed is neither returned in full nor cached, so a retry cannot
+become a free cache hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
+from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
+from shepherd.common.v1 import common_pb2
+from shepherd.router.v1 import router_pb2
+from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+from libs.catalog import Catalog, Model
+from libs.errors import ShepherdError, from_rpc_error
+from libs.fingerprint import request_fingerprint
+from libs.retry import RetryPolicy
+from libs.telemetry import current_trace_id
+from services.router.auth import Authenticator
+from services.router.config import RouterConfig
+from services.router.quota import Quota, Ticket
+from services.router.validation import resolved_params
+
+_log = logging.getLogger(__name__)
+# Billing is idempotent on (tenant, request id), so a brief outage is retried, within the
+# billing timeout, before the caller is told to retry with the same id.
+_BILLING_RETRY = RetryPolicy(attempts=3, base_s=0.05, max_s=0.5)
+_CACHEABLE_ENDINGS = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+FINISH_TEXT = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_ERROR: "error",
+    common_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
+}
+FINISH_ENUM = {text: reason for reason, text in FINISH_TEXT.items()}
+Metadata = Sequence[tuple[str, str | bytes]]
+ChatLike = router_pb2.ChatRequest | router_pb2.ChatStreamRequest
+
+
+def _before(remaining_s: float) -> float:
+    """A deadline for the scheduler that leaves the router time to answer its own caller."""
+    return max(0.001, remaining_s - min(0.25, remaining_s * 0.1))
+
+
+@dataclass(frozen=True)
+class Text:
+    """Text generated since the previous event."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Ending:
+    """The end of an answer: why, what it consumed and cost, and where it ran."""
+
+    request_id: str
+    model: str
+    finish_reason: int
+    usage: common_pb2.Usage
+    cost: common_pb2.Money
+    placement: common_pb2.Placement
+    cache_hit: bool
+    trace_id: str
+    usage_estimated: bool = False
+
+
+ChatEvent = Text | Ending
+
+
+@dataclass
+class _Request:
+    """One chat on its way through the pipeline."""
+
+    tenant: str
+    model: Model
+    params: common_pb2.GenerationParams
+    request_id: str
+    fingerprint: str
+    ticket: Ticket
+    deadline: float
+
+
+class ChatPipeline:
+    """The router's request path, shared by every transport."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        catalog: Catalog,
+        authenticator: Authenticator,
+        quota: Quota,
+        scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+        cache: cache_pb2_grpc.CacheServiceStub,
+        billing: billing_pb2_grpc.BillingServiceStub,
+    ) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._auth = authenticator
+        self._quota = quota
+        self._scheduler = scheduler
+        self._cache = cache
+        self._billing = billing
+
+    def _remaining(self, deadline: float, cap_s: float) -> float:
+        return max(0.0, min(cap_s, deadline - time.monotonic()))
+
+    async def run(
+        self, request: ChatLike, metadata: Metadata, time_remaining_s: float | None
+    ) -> AsyncIterator[ChatEvent]:
+        """Answer `request`: Text events, then one Ending (then the error, if one ended it)."""
+        tenant = await self._auth.tenant_for(metadata)
+        if not request.model:
+            raise ShepherdError(
+                grpc.StatusCode.INVALID_ARGUMENT, "model is required (call ListModels to see them)"
+            )
+        model = self._catalog.resolve(request.model)
+        params = resolved_params(request, model)  # type: ignore[arg-type]
+        request_id = request.request_id or uuid.uuid4().hex
+        timeout_s = self._config.default_timeout_s if time_remaining_s is None else time_remaining_s
+        fingerprint = request_fingerprint(model.name, request.messages, params)
+        ticket = await self._quota.admit(
+            tenant=tenant,
+            request_id=request_id,
+            fingerprint=fingerprint,
+            model=model,
+            messages=request.messages,
+            max_tokens=params.max_tokens,
+            timeout_s=timeout_s,
+        )
+        chat = _Request(
+            tenant, model, params, request_id, fingerprint, ticket, time.monotonic() + timeout_s
+        )
+        try:
+            lookup = await self._lookup(request, chat)
+        except BaseException:
+            await self._quota.release(ticket)
+            raise
+        if lookup.hit:
+            async for event in self._replay(chat, lookup.completion):
+                yield event
+            return
+        async for event in self._generate(request, chat, lookup):
+            yield event
+
+    async def _replay(
+        self, chat: _Request, completion: common_pb2.Completion
+    ) -> AsyncIterator[ChatEvent]:
+        """A cache hit, as a stream: the stored text, then the Ending at no cost."""
+        cost = await self._bill(chat, completion.usage, completion.placement, cache_hit=True)
+        yield Text(completion.text)
+        yield self._ending(
+            chat,
+            FINISH_ENUM.get(completion.finish_reason, common_pb2.FINISH_REASON_STOP),
+            completion.usage,
+            cost,
+            completion.placement,
+            cache_hit=True,
+        )
+
+    async def _generate(
+        self, request: ChatLike, chat: _Request, lookup: cache_pb2.LookupResponse
+    ) -> AsyncIterator[ChatEvent]:
+        """Stream from the scheduler, bill what was used, store a complete answer."""
+        call = self._scheduler.InferStream(
+            scheduler_pb2.InferStreamRequest(
+                request_id=chat.request_id,
+                tenant=chat.tenant,
+                model=chat.model.name,
+                messages=request.messages,
+                params=chat.params,
+                priority=request.priority,
+                self_hosted_only=request.self_hosted_only,
+            ),
+            # The scheduler stops a little before the caller's own deadline, so the final
+            # chunk (with what was generated, billed) still reaches the caller.
+            timeout=_before(self._remaining(chat.deadline, self._config.default_timeout_s)),
+        )
+        parts: list[str] = []
+        used = common_pb2.Usage()
+        final: common_pb2.CompletionFinal | None = None
+        try:
+            async for chunk in call:
+                if chunk.HasField("delta"):
+                    parts.append(chunk.delta.text)
+                    used = chunk.delta.usage
+                    yield Text(chunk.delta.text)
+                else:
+                    final = chunk.final
+        except grpc.aio.AioRpcError as error:
+            failure = from_rpc_error(error, "scheduler")
+            late = failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            ended = (
+                final.finish_reason
+                if final is not None
+                else common_pb2.FINISH_REASON_CANCELLED
+                if late
+                else common_pb2.FINISH_REASON_ERROR
+            )
+            used = final.usage if final is not None and final.usage.total_tokens else used
+            placement = final.placement if final is not None else common_pb2.Placement()
+            if used.total_tokens:
+                # Text was generated before the failure: bill it, say so, then the error.
+                cost = await self._bill(chat, used, placement, cache_hit=False)
+            else:
+                await self._quota.release(chat.ticket)
+                cost = common_pb2.Money()
+            if used.total_tokens or late:
+                yield self._ending(chat, ended, used, cost, placement, cache_hit=False)
+            raise failure from error
+        except BaseException:
+            # The caller went away mid-answer: stop the work, bill what it consumed.
+            call.cancel()
+            if used.total_tokens:
+                await asyncio.shield(
+                    self._bill(chat, used, common_pb2.Placement(), cache_hit=False)
+                )
+            else:
+                await self._quota.release(chat.ticket)
+            raise
+        if final is None:
+            await self._quota.release(chat.ticket)
+            raise ShepherdError(
+                grpc.StatusCode.INTERNAL, "the scheduler ended the stream without a final chunk"
+            )
+        cost = await self._bill(chat, final.usage, final.placement, cache_hit=False)
+        if lookup.cacheable and final.finish_reason in _CACHEABLE_ENDINGS:
+            completion = common_pb2.Completion(
+                text="".join(parts),
+                finish_reason=FINISH_TEXT[final.finish_reason],
+                usage=final.usage,
+                placement=final.placement,
+            )
+            await self._store(chat, lookup.key, completion)
+        yield self._ending(
+            chat,
+            final.finish_reason,
+            final.usage,
+            cost,
+            final.placement,
+            cache_hit=False,
+            estimated=final.usage_estimated,
+        )
+
+    def _ending(
+        self,
+        chat: _Request,
+        reason: int,
+        used: common_pb2.Usage,
+        cost: common_pb2.Money,
+        placement: common_pb2.Placement,
+        *,
+        cache_hit: bool,
+        estimated: bool = False,
+    ) -> Ending:
+        return Ending(
+            request_id=chat.request_id,
+            model=chat.model.name,
+            finish_reason=reason,
+            usage=used,
+            cost=cost,
+            placement=placement,
+            cache_hit=cache_hit,
+            trace_id=current_trace_id(),
+            usage_estimated=estimated,
+        )
+
+    async def _lookup(self, request: ChatLike, chat: _Request) -> cache_pb2.LookupResponse:
+        """Ask the cache; any cache failure is a miss, since the cache only saves work.
+
+        The cache applies the tenant's own policy (cache scope, self-hosted only) itself.
+        """
+        try:
+            return await self._cache.Lookup(
+                cache_pb2.LookupRequest(
+                    model_family=chat.model.family,
+                    messages=request.messages,
+                    params=chat.params,
+                    policy=request.cache_policy,
+                    tenant=chat.tenant,
+                    self_hosted_only=request.self_hosted_only,
+                ),
+                timeout=self._remaining(chat.deadline, self._config.cache_timeout_s),
+            )
+        except grpc.aio.AioRpcError as error:
+            _log.warning("cache lookup failed open", extra={"error": error.details()})
+            return cache_pb2.LookupResponse()
+
+    async def _store(self, chat: _Request, key: str, completion: common_pb2.Completion) -> None:
+        try:
+            await self._cache.Store(
+                cache_pb2.StoreRequest(
+                    key=key,
+                    completion=completion,
+                    ttl_seconds=chat.model.cache_ttl_s,
+                    tenant=chat.tenant,
+                ),
+                timeout=self._config.cache_timeout_s,
+            )
+        except grpc.aio.AioRpcError as error:
+            _log.warning("cache store failed open", extra={"error": error.details()})
+
+    async def _bill(
+        self,
+        chat: _Request,
+        used: common_pb2.Usage,
+        placement: common_pb2.Placement,
+        *,
+        cache_hit: bool,
+    ) -> common_pb2.Money:
+        """Record usage, retrying briefly: the ledger is idempotent on (tenant, request_id)."""
+        record = billing_pb2.RecordUsageRequest(
+            request_id=chat.request_id,
+            tenant=chat.tenant,
+            model=chat.model.name,
+            deployment=placement.deployment,
+            usage=used,
+            cache_hit=cache_hit,
+            fingerprint=chat.fingerprint,
+        )
+        deadline = time.monotonic() + self._config.billing_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._billing.RecordUsage(
+                    record, timeout=_BILLING_RETRY.attempt_timeout(deadline)
+                )
+                return response.cost
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise from_rpc_error(error, "billing") from error
+                delay = (
+                    _BILLING_RETRY.next_delay(attempt, deadline=deadline)
+                    if error.code() == grpc.StatusCode.UNAVAILABLE
+                    else None
+                )
+                if delay is None:
+                    raise ShepherdError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the answer was computed but could not be billed ({error.details()});"
+                        f" retry with request_id {chat.request_id!r}: it is billed at most once",
+                    ) from error
+                await asyncio.sleep(delay)
