@@ -41,6 +41,7 @@ from opentelemetry.trace import Link, NonRecordingSpan
 
 from libs.catalog import Deployment, Model
 from libs.errors import ShepherdError
+from libs.retry import RetryPolicy
 from services.scheduler.batcher import Slot, WaiterKey
 from services.scheduler.events import Delta, Event, Final
 from services.scheduler.hosted import HostedBackend
@@ -50,6 +51,9 @@ from services.scheduler.stats import ModelStats
 from services.scheduler.triton import NodeUnavailable, TritonBackend
 
 _tracer = trace.get_tracer(__name__)
+# A batch whose node cannot take it is retried once, at once, on another node (the node's
+# breaker hears of the failure); the same policy object as hosted and billing retries.
+_NODE_RETRY = RetryPolicy(attempts=2, base_s=0.0, max_s=0.0)
 
 
 class HostedSlot:
@@ -203,7 +207,7 @@ class Dispatcher:
         deployment = lease.deployment
         pool = self._pools[deployment.pool]
         tried: set[str] = set()
-        for attempt in (1, 2):
+        for attempt in range(1, _NODE_RETRY.attempts + 1):
             live = self._live(batch)
             if not live:
                 lease.release()
@@ -218,8 +222,12 @@ class Dispatcher:
                 lease.release(failure=error.message)
                 failures.append(error.message)
                 span.add_event("node.unavailable", {"node": lease.address, "attempt": attempt})
-                if attempt == 2:
+                delay = _NODE_RETRY.next_delay(
+                    attempt, deadline=max(item.deadline for item in live)
+                )
+                if delay is None:
                     return live
+                await asyncio.sleep(delay)
                 try:
                     lease = await asyncio.wait_for(
                         pool.acquire(deployment, _first_key, exclude=frozenset(tried)),

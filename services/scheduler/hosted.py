@@ -64,7 +64,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -679,41 +679,6 @@ class HostedClient:
         )
 
 
-class HostedRun(AsyncIterator[tuple[int, Event]]):
-    """What `HostedBackend.run` returns: the batch's (row, event) pairs as they come.
-
-    Transitional: it can also be awaited, giving `run_unary`'s list, so a dispatcher written
-    for the old `await hosted.run(...)` keeps working until it iterates the events instead.
-    """
-
-    def __init__(
-        self, backend: HostedBackend, deployment: Deployment, batch: Sequence[PendingRequest]
-    ) -> None:
-        self._backend = backend
-        self._deployment = deployment
-        self._batch = batch
-        self._events: AsyncGenerator[tuple[int, Event], None] | None = None
-
-    def _iterator(self) -> AsyncGenerator[tuple[int, Event], None]:
-        if self._events is None:
-            self._events = self._backend._events(self._deployment, self._batch)
-        return self._events
-
-    def __aiter__(self) -> HostedRun:
-        return self
-
-    async def __anext__(self) -> tuple[int, Event]:
-        return await self._iterator().__anext__()
-
-    async def aclose(self) -> None:
-        """Stop early: every open stream of the batch is closed before this returns."""
-        if self._events is not None:
-            await self._iterator().aclose()
-
-    def __await__(self) -> Generator[Any, None, list[common_pb2.Completion | ShepherdError]]:
-        return self._backend.run_unary(self._deployment, self._batch).__await__()
-
-
 class HostedBackend:
     """Runs a batch on a hosted API as concurrent streaming calls, one per request.
 
@@ -728,7 +693,9 @@ class HostedBackend:
         for client in self._clients.values():
             await client.aclose()
 
-    def run(self, deployment: Deployment, batch: Sequence[PendingRequest]) -> HostedRun:
+    def run(
+        self, deployment: Deployment, batch: Sequence[PendingRequest]
+    ) -> AsyncGenerator[tuple[int, Event], None]:
         """Yield `(row, event)` for the rows of `batch` (row = index into it) as they come.
 
         Every row that is still wanted ends with one `Final` or `Failed`; errors never
@@ -739,7 +706,7 @@ class HostedBackend:
         failed UNAVAILABLE before its first delta may be sent elsewhere by the dispatcher
         (it checks `batch[row].events.started`); this backend never tries another deployment.
         """
-        return HostedRun(self, deployment, batch)
+        return self._events(deployment, batch)
 
     async def _events(
         self, deployment: Deployment, batch: Sequence[PendingRequest]
@@ -824,27 +791,3 @@ class HostedBackend:
             queue.put_nowait((row, Final(completion, estimated=result.estimated)))
         finally:
             queue.put_nowait((row, None))
-
-    async def run_unary(
-        self, deployment: Deployment, batch: Sequence[PendingRequest]
-    ) -> list[common_pb2.Completion | ShepherdError]:
-        """The batch's outcomes in order, for a dispatcher that does not stream (transitional).
-
-        The old `run` contract: one Completion or error per request, and when every request
-        that ran failed UNAVAILABLE, that error is raised so the dispatcher falls back to the
-        model's next deployment. A request that was done before it ended gets a CANCELLED
-        placeholder (its caller is gone; settling it is a no-op).
-        """
-        outcomes: list[common_pb2.Completion | ShepherdError | None] = [None] * len(batch)
-        async for row, event in self.run(deployment, batch):
-            if isinstance(event, Final):
-                outcomes[row] = event.completion
-            elif isinstance(event, Failed):
-                outcomes[row] = event.error
-        ran = [o for o in outcomes if o is not None]
-        errors = [o for o in ran if isinstance(o, ShepherdError)]
-        if errors and len(errors) == len(ran):
-            if all(e.code == grpc.StatusCode.UNAVAILABLE for e in errors):
-                raise errors[0]
-        gone = ShepherdError(grpc.StatusCode.CANCELLED, "the request ended before its answer")
-        return [o if o is not None else gone for o in outcomes]

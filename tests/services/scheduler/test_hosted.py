@@ -26,7 +26,6 @@ from shepherd.common.v1 import common_pb2
 from deploy.local.ports import free_port
 from deploy.local.provider_sim import SimProcess
 from libs.catalog import Deployment
-from libs.errors import ShepherdError
 from libs.retry import RetryPolicy
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from services.scheduler.events import Delta, Event, Failed, Final
@@ -40,7 +39,6 @@ from services.scheduler.hosted import (
     _Tally,
     count_tokens,
     estimate_prompt_tokens,
-    parse_retry_after,
 )
 from services.scheduler.queue import PendingRequest
 
@@ -573,40 +571,3 @@ def test_breaker_states_doubling_cool_down_and_a_single_probe() -> None:
     assert breaker.succeeded() is True
     assert breaker.state is BreakerState.HEALTHY and breaker.failures == 0
     assert breaker.cooldown_s == 0.0 and breaker.allow() and breaker.allow()
-
-
-# -- the transitional unary path --------------------------------------------------------------
-
-
-async def test_run_unary_keeps_the_old_contract(sim: SimProcess) -> None:
-    backend = HostedBackend({"sim": make_client(sim)})
-    keyless = HostedBackend({"sim": make_client(sim, api_key="")})
-    try:
-        outcomes = await backend.run_unary(DEPLOYMENT, [pending(seed=1), pending(seed=2)])
-        awaited = await backend.run(DEPLOYMENT, [pending(seed=1)])  # the old `await run(...)`
-        fail_next(sim, 404, 1)
-        mixed = await backend.run_unary(DEPLOYMENT, [pending(seed=1)])
-        with pytest.raises(ShepherdError) as info:
-            await keyless.run_unary(DEPLOYMENT, [pending(seed=1), pending(seed=2)])
-    finally:
-        await backend.close()
-        await keyless.close()
-    assert all(isinstance(o, common_pb2.Completion) for o in outcomes)
-    assert isinstance(awaited[0], common_pb2.Completion)
-    assert awaited[0].text == outcomes[0].text  # type: ignore[union-attr]
-    assert isinstance(mixed[0], ShepherdError) and mixed[0].code == grpc.StatusCode.NOT_FOUND
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE, "all unavailable: fall back"
-
-
-def test_parse_retry_after_seconds_and_http_date() -> None:
-    from datetime import UTC, datetime, timedelta
-    from email.utils import format_datetime
-
-    now = datetime(2030, 1, 1, tzinfo=UTC)
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after("0.5") == 0.5
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    date = format_datetime(now + timedelta(seconds=7), usegmt=True)
-    assert parse_retry_after(date, now=now) == pytest.approx(7.0)
-    assert parse_retry_after(format_datetime(now - timedelta(seconds=5), usegmt=True), now=now) == 0
