@@ -8,6 +8,9 @@ some text, deadline); what was generated is billed exactly once.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from deploy.local.launcher import LocalMesh
+from libs.config import REPO_ROOT
 from tests.integration.conftest import Metadata
 from tests.integration.test_mesh import auth, grpcurl
 from tests.integration.test_tenancy import details_of
@@ -277,3 +281,15 @@ def test_an_engine_batched_deployment_gets_one_request_per_sequence(
     assert all(final is not None and error is None for _, final, error in results)
     assert all(final.placement.batch_size == 1 for _, final, _ in results if final)
     assert (after[0] - before[0], after[1] - before[1]) == (8, 8)
+
+
+def test_the_python_example_streams(mesh: LocalMesh, tenant: tuple[str, str]) -> None:
+    _, key = tenant
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "chat.py"), "--stream",
+         "--model", "tiny-stream", "--router", mesh.address("router"), "Hello from the example"],
+        env={**os.environ, "SHEPHERD_API_KEY": key}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "on local/tiny_lm_stream (BACKEND_KIND_TRITON)" in result.stdout
+    assert "finish FINISH_REASON_" in result.stdout
