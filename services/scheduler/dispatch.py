@@ -324,6 +324,13 @@ class Dispatcher:
                     item.events.delta(event, now)
                     if first and item.events.first_delta_at is not None:
                         stats.first_token(now - item.enqueued_at)
+                        span.add_event(
+                            "first_token",
+                            {
+                                "shepherd.request_id": item.request_id,
+                                "shepherd.ttft_ms": (now - item.enqueued_at) * 1000,
+                            },
+                        )
                     continue
                 ended[row] = True
                 if isinstance(event, Final):

@@ -103,6 +103,20 @@ def test_grpcurl_shows_the_deltas_arriving_then_one_final_chunk(
     assert int(final["usage"]["completion_tokens"]) >= len(deltas)
     assert final["placement"]["backend_model"] == "tiny_lm_stream"
     assert len(final["trace_id"]) == 32
+    # The scheduler measured the time to first token and between tokens.
+    stats = json.loads(
+        grpcurl(
+            "-H",
+            f"authorization: Bearer {mesh.config.admin_key}",
+            "-d",
+            '{"model": "tiny-stream"}',
+            mesh.address("scheduler"),
+            "shepherd.scheduler.v1.SchedulerService/GetStats",
+        )
+    )
+    (model,) = stats["models"]
+    assert 0 < model["ttft_p50_ms"] <= model["ttft_p99_ms"]
+    assert model["time_per_output_token_p50_ms"] > 0
 
 
 @pytest.mark.parametrize("model", ["tiny-stream", "tiny", "gpt4"])
