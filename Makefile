@@ -11,7 +11,8 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
-.PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted lint fmt clean
+.PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming lint fmt \
+	clean
 
 all: gen
 
@@ -41,7 +42,7 @@ test: gen lint
 	$(BIN)/python -m pytest
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
-bench: bench-batching bench-quota bench-hosted
+bench: bench-batching bench-quota bench-hosted bench-streaming
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -56,6 +57,11 @@ bench-quota: gen
 # against the provider simulator.
 bench-hosted: gen
 	$(BIN)/python -m bench.hosted_transport
+
+# Streaming through the whole local mesh against calling the model directly: time to first
+# token, total latency, ChatStream against unary Chat throughput, self-hosted and hosted.
+bench-streaming: gen
+	$(BIN)/python -m bench.streaming
 
 lint: gen
 	$(BIN)/ruff check .
