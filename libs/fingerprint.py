@@ -4,7 +4,8 @@ Two requests that mean the same thing must produce the same bytes whichever serv
 language built them: the messages and the generation parameters, serialised as JSON with
 sorted keys and no whitespace. The cache keys answers by them (within a model family), and
 the ledger uses the fingerprint (within a model) to tell a retry of a request from a new
-request that reuses its id.
+request that reuses its id. `is_cacheable` is the cache policy: the router asks it to skip the
+cache hop for a request the cache would not answer, and the cache applies it to its input.
 """
 
 from __future__ import annotations
@@ -40,3 +41,12 @@ def request_fingerprint(
     digest.update(b"\n")
     digest.update(canonical_request(messages, params))
     return digest.hexdigest()
+
+
+def is_cacheable(policy: int, params: common_pb2.GenerationParams) -> bool:
+    """Whether a request may be answered from, or stored in, the cache."""
+    if policy == common_pb2.CACHE_POLICY_BYPASS:
+        return False
+    if policy == common_pb2.CACHE_POLICY_ALWAYS:
+        return True
+    return params.temperature == 0.0

@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.local.ports import free_port
+from deploy.local.ports import free_port, free_ports
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.provider_sim import SimProcess
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
@@ -77,7 +77,8 @@ class MeshConfig:
     @classmethod
     def ephemeral(cls, run_dir: Path, **kwargs: object) -> MeshConfig:
         """Tests: every port picked free at start."""
-        ports = {name: free_port() for name in SERVICES}
+        # Distinct ports: free_port() in a loop can hand out the same port twice.
+        ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
         return cls(run_dir=run_dir, service_ports=ports, **kwargs)  # type: ignore[arg-type]
 
 

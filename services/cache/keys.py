@@ -21,15 +21,6 @@ KEY_PREFIX = "shepherd:cache:v2"
 SHARED = "shared"
 
 
-def is_cacheable(policy: int, params: common_pb2.GenerationParams) -> bool:
-    """Whether a request may be answered from, or stored in, the cache."""
-    if policy == common_pb2.CACHE_POLICY_BYPASS:
-        return False
-    if policy == common_pb2.CACHE_POLICY_ALWAYS:
-        return True
-    return params.temperature == 0.0
-
-
 def namespace(catalog: Catalog, tenant: str, family: str) -> str:
     """Whose answers a tenant may read and write in a model family."""
     if catalog.family_cache_scope(family) == "shared":

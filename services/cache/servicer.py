@@ -15,7 +15,8 @@ from shepherd.common.v1 import common_pb2
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
-from services.cache.keys import cache_key, is_cacheable, key_namespace, namespace
+from libs.fingerprint import is_cacheable
+from services.cache.keys import cache_key, key_namespace, namespace
 from services.cache.store import ResponseStore
 
 _TENANT_RULE = "is required: letters, digits, '-' or '_'"

@@ -32,7 +32,7 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, from_rpc_error
-from libs.fingerprint import request_fingerprint
+from libs.fingerprint import is_cacheable, request_fingerprint
 from libs.retry import RetryPolicy
 from libs.telemetry import current_trace_id
 from services.router.auth import Authenticator
@@ -287,8 +287,11 @@ class ChatPipeline:
     async def _lookup(self, request: ChatLike, chat: _Request) -> cache_pb2.LookupResponse:
         """Ask the cache; any cache failure is a miss, since the cache only saves work.
 
-        The cache applies the tenant's own policy (cache scope, self-hosted only) itself.
+        The cache applies the tenant's own policy (cache scope, self-hosted only) itself. A
+        request the cache may not answer (bypass, or sampling) skips the hop altogether.
         """
+        if not is_cacheable(request.cache_policy, chat.params):
+            return cache_pb2.LookupResponse(cacheable=False)
         try:
             return await self._cache.Lookup(
                 cache_pb2.LookupRequest(

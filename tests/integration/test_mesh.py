@@ -24,6 +24,7 @@ from libs.config import DEFAULT_CATALOG, REPO_ROOT
 from tests.integration.conftest import Metadata
 from tests.support.catalog import OFFLINE_MODEL
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.scheduler import triton_counts
 
 CATALOG = load_catalog(DEFAULT_CATALOG)
 TIMEOUT_S = 30.0
@@ -165,8 +166,8 @@ def test_concurrent_requests_share_triton_executions(
     triton = tritonclient.InferenceServerClient(mesh.triton.config.grpc_url)
 
     def counts() -> tuple[int, int]:
-        stats = triton.get_inference_statistics("tiny_lm").model_stats[0]
-        return stats.inference_count, stats.execution_count
+        found = triton_counts(triton, "tiny_lm")
+        return found.inferences, found.executions
 
     inferences_before, executions_before = counts()
     requests = []

@@ -24,7 +24,6 @@ from google.rpc import error_details_pb2
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
-from tritonclient.utils import InferenceServerException
 
 from deploy.local.launcher import LocalMesh
 from libs.config import REPO_ROOT
@@ -32,6 +31,7 @@ from tests.integration.conftest import Metadata
 from tests.integration.test_mesh import auth, grpcurl
 from tests.integration.test_tenancy import details_of
 from tests.support.catalog import ENGINE_MODEL, ENGINE_TRITON_MODEL, SLOW_MODEL, SLOW_TRITON_MODEL
+from tests.support.scheduler import triton_counts
 
 TIMEOUT_S = 30.0
 STOP, LENGTH = common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH
@@ -168,15 +168,7 @@ def test_cancelling_after_the_first_delta_stops_the_work_and_bills_it_once(
     assert mesh.triton is not None
     triton = tritonclient.InferenceServerClient(mesh.triton.config.grpc_url)
 
-    def executions() -> tuple[int, int]:
-        """Executions of the slow model, and the nanoseconds they computed, per Triton."""
-        try:
-            stats = triton.get_inference_statistics(SLOW_TRITON_MODEL).model_stats[0]
-        except InferenceServerException:  # not loaded yet
-            return 0, 0
-        return stats.execution_count, stats.inference_stats.compute_infer.ns
-
-    before = executions()
+    before = triton_counts(triton, SLOW_TRITON_MODEL)
     request = stream_request(SLOW_MODEL, f"cancel me {uuid.uuid4().hex}", max_tokens=64)
     call = router.ChatStream(request, metadata=auth(key), timeout=TIMEOUT_S)
     first = next(call)
@@ -185,11 +177,14 @@ def test_cancelling_after_the_first_delta_stops_the_work_and_bills_it_once(
     # Triton records a decoupled model's execution when it ends, with the time it computed:
     # all 64 steps take 64 x 50 ms = 3.2 s; a stopped execution, a fraction of that.
     wait_until = time.monotonic() + 10
-    while (after := executions())[0] == before[0] and time.monotonic() < wait_until:
+    while (
+        after := triton_counts(triton, SLOW_TRITON_MODEL)
+    ).executions == before.executions and time.monotonic() < wait_until:
         time.sleep(0.1)
     triton.close()
-    assert after[0] == before[0] + 1, "the cancelled execution ended"
-    assert (after[1] - before[1]) / 1e9 < 1.6, "it stopped decoding long before its 64 steps"
+    assert after.executions == before.executions + 1, "the cancelled execution ended"
+    spent_s = (after.compute_ns - before.compute_ns) / 1e9
+    assert spent_s < 1.6, "it stopped decoding long before its 64 steps"
 
     deadline = time.monotonic() + 10
     used = totals(billing, admin_md, name)
@@ -269,14 +264,7 @@ def test_an_engine_batched_deployment_gets_one_request_per_sequence(
     assert mesh.triton is not None
     triton = tritonclient.InferenceServerClient(mesh.triton.config.grpc_url)
 
-    def counts() -> tuple[int, int]:
-        try:
-            stats = triton.get_inference_statistics(ENGINE_TRITON_MODEL).model_stats[0]
-        except InferenceServerException:  # not loaded yet: the scheduler loads it on first use
-            return 0, 0
-        return stats.inference_count, stats.execution_count
-
-    before = counts()
+    before = triton_counts(triton, ENGINE_TRITON_MODEL)
     barrier = threading.Barrier(8)
 
     def one(index: int) -> tuple[list[str], router_pb2.ChatFinal | None, grpc.RpcError | None]:
@@ -289,12 +277,14 @@ def test_an_engine_batched_deployment_gets_one_request_per_sequence(
         results = list(pool.map(one, range(8)))
     # Triton records an execution of a decoupled model when it ends: wait for all eight.
     deadline = time.monotonic() + 10
-    while (after := counts())[1] - before[1] < 8 and time.monotonic() < deadline:
+    while (
+        after := triton_counts(triton, ENGINE_TRITON_MODEL)
+    ).executions - before.executions < 8 and time.monotonic() < deadline:
         time.sleep(0.1)
     triton.close()
     assert all(final is not None and error is None for _, final, error in results)
     assert all(final.placement.batch_size == 1 for _, final, _ in results if final)
-    assert (after[0] - before[0], after[1] - before[1]) == (8, 8)
+    assert (after.inferences - before.inferences, after.executions - before.executions) == (8, 8)
 
 
 def test_the_python_example_streams(mesh: LocalMesh, tenant: tuple[str, str]) -> None:

@@ -21,6 +21,7 @@ import yaml
 from deploy.local.ports import free_port
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY
 from libs.config import DEFAULT_CATALOG
+from tests.support.scheduler import copy_model, link_shipped_models
 
 OFFLINE_MODEL = "offline-tiny"
 SHARED_MODEL = "shared-tiny"
@@ -99,20 +100,8 @@ def write_test_catalog(path: Path) -> Path:
 
 def write_test_repository(root: Path) -> Path:
     """The shipped model repository plus the test copies of the streaming model."""
-    for model in DEFAULT_MODEL_REPOSITORY.iterdir():
-        (root / model.name).symlink_to(model, target_is_directory=True)
+    link_shipped_models(root)
     stream = DEFAULT_MODEL_REPOSITORY / "tiny_lm_stream"
-    config = (stream / "config.pbtxt").read_text().replace('name: "tiny_lm_stream"', "")
-    for name, extra in (
-        (SLOW_TRITON_MODEL, {"ignore_eos": "true", "step_delay_ms": "50"}),
-        (ENGINE_TRITON_MODEL, {}),
-    ):
-        (root / name / "1").mkdir(parents=True)
-        for source in (stream / "1").iterdir():
-            (root / name / "1" / source.name).symlink_to(source.resolve())
-        parameters = "".join(
-            f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
-            for key, value in extra.items()
-        )
-        (root / name / "config.pbtxt").write_text(f'name: "{name}"\n{config}\n{parameters}')
+    copy_model(root, SLOW_TRITON_MODEL, stream, {"ignore_eos": "true", "step_delay_ms": "50"})
+    copy_model(root, ENGINE_TRITON_MODEL, stream)
     return root

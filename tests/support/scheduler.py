@@ -14,14 +14,17 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import tritonclient.grpc as tritonclient
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from deploy.local.ports import free_port
 from deploy.local.processes import spawn, stop, tail
@@ -38,34 +41,63 @@ TINY_LM = DEFAULT_MODEL_REPOSITORY / "tiny_lm"
 TINY_LM_STREAM = DEFAULT_MODEL_REPOSITORY / "tiny_lm_stream"
 
 
+def copy_model(
+    root: Path, name: str, source: Path, parameters: Mapping[str, str] | None = None
+) -> None:
+    """A shipped model under another name in `root`: the same code, the same config, plus
+    `parameters` (e.g. ignore_eos), with Triton statistics of its own."""
+    config = (source / "config.pbtxt").read_text().replace(f'name: "{source.name}"', "")
+    extra = "".join(
+        f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+        for key, value in (parameters or {}).items()
+    )
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "model.py").symlink_to((source / "1" / "model.py").resolve())
+    (root / name / "config.pbtxt").write_text(f'name: "{name}"\n{config}\n{extra}')
+
+
+def link_shipped_models(root: Path) -> None:
+    """Every model of the shipped repository, as it is, in `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shipped in DEFAULT_MODEL_REPOSITORY.iterdir():
+        if shipped.is_dir():
+            (root / shipped.name).symlink_to(shipped, target_is_directory=True)
+
+
 def model_repository(root: Path, names: Sequence[str]) -> Path:
     """A repository holding one tiny_lm copy per name, each generating exactly max_tokens."""
-    config = (TINY_LM / "config.pbtxt").read_text().replace('name: "tiny_lm"', "")
     for name in names:
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "1" / "model.py").symlink_to(TINY_LM / "1" / "model.py")
-        (root / name / "config.pbtxt").write_text(
-            f'name: "{name}"\n{config}\n'
-            'parameters { key: "ignore_eos" value: { string_value: "true" } }\n'
-        )
+        copy_model(root, name, TINY_LM, {"ignore_eos": "true"})
     return root
 
 
 def streaming_model_repository(root: Path, names: Sequence[str]) -> Path:
-    """The shipped tiny_lm and tiny_lm_stream, plus one tiny_lm_stream copy per name that
-    streams exactly max_tokens (`ignore_eos`): a stream as long as a test needs, to cancel."""
-    root.mkdir(parents=True, exist_ok=True)
-    for shipped in (TINY_LM, TINY_LM_STREAM):
-        (root / shipped.name).symlink_to(shipped, target_is_directory=True)
-    config = (TINY_LM_STREAM / "config.pbtxt").read_text().replace('name: "tiny_lm_stream"', "")
+    """The shipped models, plus one tiny_lm_stream copy per name that streams exactly
+    max_tokens (`ignore_eos`): a stream as long as a test needs, to cancel."""
+    link_shipped_models(root)
     for name in names:
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "1" / "model.py").symlink_to(TINY_LM / "1" / "model.py")
-        (root / name / "config.pbtxt").write_text(
-            f'name: "{name}"\n{config}\n'
-            'parameters { key: "ignore_eos" value: { string_value: "true" } }\n'
-        )
+        copy_model(root, name, TINY_LM_STREAM, {"ignore_eos": "true"})
     return root
+
+
+@dataclass(frozen=True)
+class TritonCounts:
+    """What Triton itself counts for a model: rows inferred, executions, compute time."""
+
+    inferences: int = 0
+    executions: int = 0
+    compute_ns: int = 0
+
+
+def triton_counts(client: tritonclient.InferenceServerClient, model: str) -> TritonCounts:
+    """Triton's statistics of `model`; all zero while it is not loaded (loaded on first use)."""
+    try:
+        stats = client.get_inference_statistics(model).model_stats[0]
+    except InferenceServerException:
+        return TritonCounts()
+    return TritonCounts(
+        stats.inference_count, stats.execution_count, stats.inference_stats.compute_infer.ns
+    )
 
 
 def start_node(work_dir: Path, repository: Path, load: Sequence[str] = ()) -> TritonNode:

@@ -6,8 +6,8 @@ import pytest
 from shepherd.common.v1 import common_pb2
 
 from libs.catalog import parse_catalog
-from libs.fingerprint import canonical_request, request_fingerprint
-from services.cache.keys import KEY_PREFIX, cache_key, is_cacheable, key_namespace, namespace
+from libs.fingerprint import canonical_request, is_cacheable, request_fingerprint
+from services.cache.keys import KEY_PREFIX, cache_key, key_namespace, namespace
 
 SYSTEM = common_pb2.ROLE_SYSTEM
 USER = common_pb2.ROLE_USER
