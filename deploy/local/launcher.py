@@ -258,6 +258,9 @@ def banner(mesh: LocalMesh) -> str:
     router = mesh.address("router")
     billing = mesh.address("billing")
     admin = f"-H 'authorization: Bearer {mesh.config.admin_key}'"
+    stream_body = (
+        '{"model": "tiny-stream", "messages": [{"role": "ROLE_USER", "content": "Hello"}]}'
+    )
     body = '{"model": "tiny", "messages": [{"role": "ROLE_USER", "content": "Hello, Shepherd"}]}'
     hosted = (
         f"provider simulator at {mesh.sim.base_url} (set SHEPHERD_HOSTED_API_KEY for the real API)"
@@ -283,6 +286,11 @@ def banner(mesh: LocalMesh) -> str:
         f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' \\",
         f"    -d '{body}' \\",
         f"    {router} shepherd.router.v1.RouterService/Chat",
+        "",
+        "The same, streamed token by token from the decoupled Triton model:",
+        f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' \\",
+        f"    -d '{stream_body}' \\",
+        f"    {router} shepherd.router.v1.RouterService/ChatStream",
         "",
         "Your usage by day and model, with your own key:",
         f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' -d '{{}}' \\",
