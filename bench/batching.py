@@ -164,11 +164,15 @@ class Comparison:
     holds: bool | None
 
 
-def prompt(n: int) -> str:
-    """A varied short user prompt for the n-th request."""
+def prompt(n: int, *, unique: bool = False) -> str:
+    """A varied short user prompt for the n-th request; `unique` makes every n distinct."""
     verb = _VERBS[n % len(_VERBS)]
     topic = _TOPICS[(n // len(_VERBS)) % len(_TOPICS)]
-    return f"{verb} {topic} in one line (#{n % 1000:03d})."
+    return (
+        f"{verb} {topic} in one line (#{n:07d})."
+        if unique
+        else (f"{verb} {topic} in one line (#{n % 1000:03d}).")
+    )
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:

@@ -82,7 +82,8 @@ from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from bench.batching import machine_busy_s, percentile, process_cpu_s
+from bench.batching import CHANNEL_OPTIONS, machine_busy_s, percentile, process_cpu_s
+from bench.batching import prompt as batching_prompt
 from deploy.local.launcher import SERVICES, LocalMesh, MeshConfig
 from deploy.local.ports import free_ports
 from deploy.local.provider_sim import SimProcess
@@ -114,26 +115,6 @@ MESH_START_TIMEOUT_S = 240.0
 IDLE_S = 3.0
 WARMUP_BASE = 1_000_000  # warm-up prompts never repeat a measured one
 DEFAULT_OUTPUT = REPO_ROOT / ".build" / "bench" / "streaming.json"
-# Loopback only: never let an http_proxy/grpc_proxy setting route the client's calls elsewhere.
-CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
-
-# Short prompts of similar length (tiny_lm's cost grows with the prompt), all distinct.
-_VERBS = ("Summarise", "Explain", "Describe", "Define", "Compare", "Outline", "Name", "List")
-_TOPICS = (
-    "tides",
-    "a compiler",
-    "photosynthesis",
-    "the water cycle",
-    "gravity",
-    "a hash map",
-    "inflation",
-    "volcanoes",
-    "a B-tree",
-    "jazz",
-    "the moon",
-    "recursion",
-    "a gRPC stream",
-)
 
 
 class BenchError(RuntimeError):
@@ -146,9 +127,7 @@ class BadAnswer(Exception):
 
 def prompt(n: int) -> str:
     """The n-th user prompt: short, of similar length, and distinct for every n."""
-    verb = _VERBS[n % len(_VERBS)]
-    topic = _TOPICS[(n // len(_VERBS)) % len(_TOPICS)]
-    return f"{verb} {topic} in one line (#{n:07d})."
+    return batching_prompt(n, unique=True)
 
 
 # -- the catalog ------------------------------------------------------------------------------
