@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from shepherd.billing.v1 import billing_pb2_grpc
+from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.router.v1 import router_pb2_grpc
 
 from deploy.local.launcher import LocalMesh, MeshConfig
@@ -18,6 +18,15 @@ from tests.support.catalog import write_test_catalog, write_test_repository
 from tests.support.otlp_receiver import OtlpReceiver
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+def tenant_totals(
+    billing: billing_pb2_grpc.BillingServiceStub, admin_md: Metadata, tenant: str
+) -> billing_pb2.GetTenantUsageResponse:
+    """A tenant's running totals, read as an operator would (admin key)."""
+    return billing.GetTenantUsage(
+        billing_pb2.GetTenantUsageRequest(tenant=tenant), metadata=admin_md, timeout=5
+    )
 
 
 def _pids_alive(pids: list[int]) -> list[int]:

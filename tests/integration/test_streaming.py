@@ -21,13 +21,13 @@ import httpx
 import pytest
 import tritonclient.grpc as tritonclient
 from google.rpc import error_details_pb2
-from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
+from shepherd.billing.v1 import billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
 
 from deploy.local.launcher import LocalMesh
 from libs.config import REPO_ROOT
-from tests.integration.conftest import Metadata
+from tests.integration.conftest import Metadata, tenant_totals
 from tests.integration.test_mesh import auth, grpcurl
 from tests.integration.test_tenancy import details_of
 from tests.support.catalog import ENGINE_MODEL, ENGINE_TRITON_MODEL, SLOW_MODEL, SLOW_TRITON_MODEL
@@ -67,14 +67,6 @@ def read(
     except grpc.RpcError as caught:
         error = caught
     return deltas, final, error
-
-
-def totals(
-    billing: billing_pb2_grpc.BillingServiceStub, admin_md: Metadata, tenant: str
-) -> billing_pb2.GetTenantUsageResponse:
-    return billing.GetTenantUsage(
-        billing_pb2.GetTenantUsageRequest(tenant=tenant), metadata=admin_md, timeout=5
-    )
 
 
 def test_grpcurl_shows_the_deltas_arriving_then_one_final_chunk(
@@ -154,7 +146,7 @@ def test_a_cache_hit_replays_as_a_stream_at_no_cost(
     assert replay.cost.nano_usd == 0 and replay.usage == first.usage
     # The unary call is answered from the same entry: the stream stored a complete answer.
     assert router.Chat(unary_twin(request), metadata=auth(key), timeout=30).cache_hit
-    assert totals(billing, admin_md, name).cost.nano_usd == first.cost.nano_usd
+    assert tenant_totals(billing, admin_md, name).cost.nano_usd == first.cost.nano_usd
 
 
 def test_cancelling_after_the_first_delta_stops_the_work_and_bills_it_once(
@@ -187,15 +179,15 @@ def test_cancelling_after_the_first_delta_stops_the_work_and_bills_it_once(
     assert spent_s < 1.6, "it stopped decoding long before its 64 steps"
 
     deadline = time.monotonic() + 10
-    used = totals(billing, admin_md, name)
+    used = tenant_totals(billing, admin_md, name)
     while used.requests == 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-        used = totals(billing, admin_md, name)
+        used = tenant_totals(billing, admin_md, name)
     assert used.requests == 1, "the partial answer is billed, once"
     assert 0 < used.usage.completion_tokens < 64
     assert used.cost.nano_usd > 0
     time.sleep(0.5)
-    assert totals(billing, admin_md, name) == used, "and never again"
+    assert tenant_totals(billing, admin_md, name) == used, "and never again"
 
 
 def test_a_passed_deadline_still_ends_with_a_final_chunk(
@@ -232,7 +224,7 @@ def test_a_hosted_failure_mid_stream_ends_with_a_final_chunk_then_the_error(
     assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     assert final is not None and final.finish_reason == common_pb2.FINISH_REASON_ERROR
     assert final.usage.completion_tokens >= 1 and final.cost.nano_usd > 0
-    assert totals(billing, admin_md, name).cost.nano_usd == final.cost.nano_usd
+    assert tenant_totals(billing, admin_md, name).cost.nano_usd == final.cost.nano_usd
 
 
 def test_hosted_streaming_waits_out_a_429_before_the_first_byte(

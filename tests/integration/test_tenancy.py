@@ -32,7 +32,7 @@ from deploy.local.ports import free_port
 from libs.credentials import INTERNAL_TOKEN_HEADER
 from libs.errors import unpack_details
 from services.router.quota import prompt_token_bound
-from tests.integration.conftest import Metadata
+from tests.integration.conftest import Metadata, tenant_totals
 from tests.integration.test_mesh import CATALOG, GRPCURL, auth, chat_request, grpcurl
 from tests.support.catalog import GROUP_TENANTS, SHARED_MODEL, SOVEREIGN_HOSTED, SOVEREIGN_LOCAL
 
@@ -109,10 +109,7 @@ def standing(
 def ledger_cost(
     billing: billing_pb2_grpc.BillingServiceStub, admin_md: Metadata, tenant: str
 ) -> int:
-    totals = billing.GetTenantUsage(
-        billing_pb2.GetTenantUsageRequest(tenant=tenant), metadata=admin_md, timeout=5
-    )
-    return totals.cost.nano_usd
+    return tenant_totals(billing, admin_md, tenant).cost.nano_usd
 
 
 # -- isolation ---------------------------------------------------------------------------------
