@@ -166,6 +166,27 @@ def catalog_delay_ms(catalog: dict[str, Any], model: str) -> int:
 # -- one request on each path -----------------------------------------------------------------
 
 
+async def read_stream(call: Any) -> tuple[float, float, str, Any]:
+    """Read a ChatStream or InferStream call: when the first text came, when it ended, the
+    whole text and the final chunk (both streams have the same delta/final shape)."""
+    first: float | None = None
+    parts: list[str] = []
+    final: Any = None
+    async for chunk in call:
+        if chunk.HasField("delta"):
+            if first is None and chunk.delta.text:
+                first = time.perf_counter()
+            parts.append(chunk.delta.text)
+        else:
+            final = chunk.final
+    ended = time.perf_counter()
+    if final is None:
+        raise BadAnswer("the stream ended without a final chunk")
+    if first is None:
+        raise BadAnswer("no delta carried text")
+    return first, ended, "".join(parts), final
+
+
 @dataclass(frozen=True)
 class Answer:
     """What one successful call observed."""
@@ -245,25 +266,11 @@ class MeshRoute(Route):
         async def stream(n: int) -> Answer:
             request = router_pb2.ChatStreamRequest(**fields(n))
             began = time.perf_counter()
-            first: float | None = None
-            parts: list[str] = []
-            final: router_pb2.ChatFinal | None = None
             call = stub.ChatStream(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
-            async for chunk in call:
-                if chunk.HasField("delta"):
-                    if first is None and chunk.delta.text:
-                        first = time.perf_counter()
-                    parts.append(chunk.delta.text)
-                else:
-                    final = chunk.final
-            ended = time.perf_counter()
-            if final is None:
-                raise BadAnswer("the stream ended without a final chunk")
+            first, ended, text, final = await read_stream(call)
             if final.cache_hit:
                 raise BadAnswer("answered from the cache despite CACHE_POLICY_BYPASS")
-            if first is None:
-                raise BadAnswer("no delta carried text")
-            return Answer(first - began, ended - began, "".join(parts), final.placement.batch_size)
+            return Answer(first - began, ended - began, text, final.placement.batch_size)
 
         async def unary(n: int) -> Answer:
             request = router_pb2.ChatRequest(**fields(n))
@@ -323,23 +330,9 @@ class SchedulerRoute(Route):
                 priority=common_pb2.PRIORITY_NORMAL,
             )
             began = time.perf_counter()
-            first: float | None = None
-            parts: list[str] = []
-            final: common_pb2.CompletionFinal | None = None
             call = stub.InferStream(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
-            async for chunk in call:
-                if chunk.HasField("delta"):
-                    if first is None and chunk.delta.text:
-                        first = time.perf_counter()
-                    parts.append(chunk.delta.text)
-                else:
-                    final = chunk.final
-            ended = time.perf_counter()
-            if final is None:
-                raise BadAnswer("the stream ended without a final chunk")
-            if first is None:
-                raise BadAnswer("no delta carried text")
-            return Answer(first - began, ended - began, "".join(parts), final.placement.batch_size)
+            first, ended, text, final = await read_stream(call)
+            return Answer(first - began, ended - began, text, final.placement.batch_size)
 
         return call
 
