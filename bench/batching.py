@@ -63,7 +63,8 @@ from deploy.local.triton import (
     process_group_members,
 )
 from libs.config import DEFAULT_CATALOG, REPO_ROOT
-from libs.credentials import Credentials, TokenClientInterceptor
+from libs.credentials import Credentials
+from libs.peers import PeerChannel
 
 MODEL = "shepherd-tiny"
 TRITON_MODEL = "tiny_lm"
@@ -356,11 +357,7 @@ async def closed_loop(address: str, concurrency: int, total: int, tag: str) -> L
     until `total` requests have been sent. One channel per WORKERS_PER_CHANNEL workers."""
     channel_count = max(1, math.ceil(concurrency / WORKERS_PER_CHANNEL))
     channels = [
-        grpc.aio.insecure_channel(
-            address,
-            options=CHANNEL_OPTIONS,
-            interceptors=[TokenClientInterceptor(BENCH_CREDENTIALS)],
-        )
+        PeerChannel(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS), BENCH_CREDENTIALS)
         for _ in range(channel_count)
     ]
     result = LoadResult(requests=total, ok=0, errors=0, duration_s=0.0)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import enum
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -141,41 +140,20 @@ def check_access(
     )
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same shape as `handler` that refuses every call with `code`."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(code, message)
-        yield  # pragma: no cover - abort raises; this makes the function a generator
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
-
-
-class AccessInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls that lack the credential their method needs, before any servicer runs.
+class AccessPolicy:
+    """Which credential each method needs; the service gate (libs/gate.py) enforces it.
 
     `rules` maps a full method name (`/pkg.Service/Method`) or a service prefix
-    (`/pkg.Service/`) to its Access; other methods need the service token.
+    (`/pkg.Service/`) to its Access; other methods need the service token. Health and
+    reflection are open to everyone, so probes and `grpcurl list` work without secrets.
     """
 
     def __init__(self, credentials: Credentials, rules: Mapping[str, Access] | None = None) -> None:
         self._credentials = credentials
         self._rules = dict(rules or {})
 
-    def _access(self, method: str) -> Access | None:
+    def access(self, method: str) -> Access | None:
+        """What `method` needs, or None when it is open."""
         if method.startswith(OPEN_PREFIXES):
             return None
         if method in self._rules:
@@ -183,60 +161,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         service = method[: method.rfind("/") + 1]
         return self._rules.get(service, Access.INTERNAL)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        access = self._access(handler_call_details.method)
-        handler = await continuation(handler_call_details)
-        if access is None or handler is None:
-            return handler
-        refusal = check_access(
-            self._credentials,
-            access,
-            handler_call_details.invocation_metadata,  # type: ignore[arg-type]
-        )
-        if refusal is None:
-            return handler
-        return _refusal(handler, *refusal)
-
-
-class _TokenInterceptor:
-    """Adds the service token to every call on a peer channel, so no call can forget it."""
-
-    def __init__(self, credentials: Credentials) -> None:
-        self._extra = credentials.outbound_metadata()
-
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._extra)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-
-class TokenClientInterceptor(_TokenInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
-    """The service token on unary calls."""
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-
-class TokenStreamInterceptor(_TokenInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """The service token on server-streaming calls.
-
-    A separate class because grpc.aio files each interceptor under the first call type it
-    implements only.
-    """
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._details(client_call_details), request)
-
-
-def token_interceptors(credentials: Credentials) -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors that send the service token on every unary and server-streaming call."""
-    return [TokenClientInterceptor(credentials), TokenStreamInterceptor(credentials)]
+    def refusal(
+        self, access: Access, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """None when `metadata` carries what `access` needs, else the status and why."""
+        return check_access(self._credentials, access, metadata)

@@ -9,8 +9,8 @@ the router sees the scheduler's own explanation.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -107,58 +107,13 @@ def from_rpc_error(error: grpc.aio.AioRpcError, peer: str) -> ShepherdError:
     return ShepherdError(code, message, details)
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> NoReturn:
+    """End the call with the status `error` maps to; it always raises.
 
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ShepherdError into its status and any other exception into INTERNAL with a trace id.
-
-    Doing this in one interceptor keeps servicer methods free of try/except boilerplate and
-    guarantees that no Python traceback text ever reaches a caller.
+    A ShepherdError becomes its status, message and rich details; an abort the servicer made
+    itself passes through; anything else becomes INTERNAL with the trace id to look up, and
+    its traceback goes to the log only, so no Python traceback text ever reaches a caller.
     """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            behavior: Handler = handler.unary_unary
-
-            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await behavior(request, context)
-                except Exception as error:
-                    await _abort(context, error, method)
-
-            return grpc.unary_unary_rpc_method_handler(guarded, **kwargs)
-        if handler.unary_stream is not None:
-            stream: StreamHandler = handler.unary_stream
-
-            async def guarded_stream(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                try:
-                    async for response in stream(request, context):
-                        yield response
-                except Exception as error:
-                    await _abort(context, error, method)
-
-            return grpc.unary_stream_rpc_method_handler(guarded_stream, **kwargs)
-        return handler
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
-    """End the call with the status `error` maps to (see ErrorInterceptor)."""
     if isinstance(error, ShepherdError):
         await context.abort(error.code, error.message, error.trailing_metadata())
     if isinstance(error, grpc.aio.AbortError):
@@ -169,3 +124,4 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
         grpc.StatusCode.INTERNAL,
         f"internal error in {method}; see the service logs for trace id {trace_id}",
     )
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises

@@ -40,6 +40,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# HTTP client libraries log every request at INFO ("HTTP Request: POST ..."): one line per
+# hosted call is noise at any volume and costs CPU on the request path. They log at WARNING
+# and above; SHEPHERD_LOG_LEVEL=DEBUG still shows everything.
+_CHATTY = ("httpx", "httpcore", "openai", "aiohttp.access", "aiohttp.client")
+
+
 def setup_logging(service: str, level: str) -> None:
     """Send every logger's output to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
@@ -47,3 +53,6 @@ def setup_logging(service: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if root.level > logging.DEBUG:
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(max(root.level, logging.WARNING))

@@ -7,7 +7,7 @@ from shepherd.billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2, billing_
 from libs.accounts import Accounts
 from libs.apikeys import KeyStore
 from libs.catalog import load_catalog
-from libs.credentials import Access, AccessInterceptor
+from libs.credentials import Access, AccessPolicy
 from libs.server import Binding, main, open_redis, run_server, setup_process
 from services.billing.admin import AdminServicer
 from services.billing.config import BillingConfig
@@ -37,7 +37,7 @@ async def serve() -> None:
         ),
     ]
     # Only the router records usage; operators may read reports with an admin key.
-    access = AccessInterceptor(
+    access = AccessPolicy(
         config.credentials,
         {
             "/shepherd.billing.v1.AdminService/": Access.ADMIN,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from libs.catalog import load_catalog
-from libs.credentials import AccessInterceptor
+from libs.credentials import AccessPolicy
 from libs.server import Binding, main, open_redis, run_server, setup_process
 from services.cache.config import CacheConfig
 from services.cache.servicer import CacheServicer
@@ -26,7 +26,7 @@ async def serve() -> None:
         config.server,
         [binding],
         cleanups=[client.aclose],
-        access=AccessInterceptor(config.credentials),
+        access=AccessPolicy(config.credentials),
     )
 
 

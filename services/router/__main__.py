@@ -10,7 +10,8 @@ from shepherd.scheduler.v1 import scheduler_pb2_grpc
 from libs.accounts import Accounts
 from libs.apikeys import KeyStore
 from libs.catalog import load_catalog
-from libs.server import Binding, main, open_channel, open_redis, run_server, setup_process
+from libs.peers import open_channel
+from libs.server import Binding, main, open_redis, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.pipeline import ChatPipeline

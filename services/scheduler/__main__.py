@@ -8,7 +8,7 @@ import os
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Pool, load_catalog
-from libs.credentials import Access, AccessInterceptor
+from libs.credentials import Access, AccessPolicy
 from libs.server import Binding, main, run_server, setup_process
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
@@ -107,7 +107,7 @@ async def serve() -> None:
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )
     # Operators read GetStats with an admin key; only the router may queue inference.
-    access = AccessInterceptor(
+    access = AccessPolicy(
         config.credentials,
         {"/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN},
     )

@@ -2,12 +2,19 @@
 
 A batch is due when the queue holds the model's max batch size, or any of its preferred batch
 sizes, or when the oldest request has waited the max queue delay (the seed's batcher only
-flushed when full, so a lone request waited forever). A due batch first waits for capacity: a
-slot on a Triton node (granted by priority across models, see nodes.py) or on the hosted API.
-Only then are requests taken off the queue, so the batch is as large as the queue allows at
-that moment: the largest preferred size that can be formed, or everything up to the max batch
-size once the oldest request has waited the max delay. Backlog therefore stays in the queue,
-where it is ordered, shed or spilled, instead of in a backend's FIFO.
+flushed when full, so a lone request waited forever). Two exceptions make it due at once,
+because waiting there buys nothing: when none of the model's batches is running (the backend
+would sit idle for the whole delay, so a lone request goes now, and whatever queues while it
+runs goes together the moment it ends: batches still form under load), and when the model's
+primary deployment is a hosted API (each request is its own HTTP call, so a batch is only a
+way to take one capacity slot for what is queued, never a reason to wait).
+
+A due batch first waits for capacity: a slot on a Triton node (granted by priority across
+models, see nodes.py) or on the hosted API. Only then are requests taken off the queue, so
+the batch is as large as the queue allows at that moment: the largest preferred size that
+can be formed, or everything up to the max batch size once the oldest request has waited the
+max delay. Backlog therefore stays in the queue, where it is ordered, shed or spilled,
+instead of in a backend's FIFO.
 
 Several batches of one model can be in flight at once, as many as capacity grants.
 """
@@ -71,6 +78,9 @@ class Batcher:
         self._preferred = model.batching.preferred_batch_sizes
         # The smallest queue that makes a batch due at once, without the timer.
         self._due_size = min((*self._preferred, self._max_size))
+        # Only a self-hosted primary batches inside one model execution, so only it may wait.
+        self._waits = bool(model.deployments) and model.deployments[0].kind == "triton"
+
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -104,8 +114,9 @@ class Batcher:
 
         Batches ahead of it (queued requests of its class or better, plus batches already
         running, counted as half done) times the recent batch latency, divided by the batch
-        slots serving the model; plus the max delay when it could not fill a batch. Zero until
-        the first batch has been timed, so a cold model admits work rather than guessing.
+        slots serving the model; plus the max delay when it could not fill a batch and would
+        wait. Zero until the first batch has been timed, so a cold model admits work rather
+        than guessing.
         """
         batch_s = self.stats.dispatch_ema_s
         if batch_s == 0:
@@ -113,7 +124,7 @@ class Batcher:
         ahead = self.queue.ahead_of(rank) + 1
         batches = math.ceil(ahead / self._max_size) + 0.5 * self.inflight_batches
         wait = batches * batch_s / max(1, self._runner.parallelism(self.model))
-        if ahead < self._due_size:
+        if ahead < self._due_size and not self._flush_now():
             wait += self._max_delay_s
         return wait
 
@@ -128,16 +139,22 @@ class Batcher:
         depth = self.queue.depth
         if depth == 0:
             return math.inf
-        if depth >= self._due_size:
+        if depth >= self._due_size or self._flush_now():
             return 0.0
         oldest = self.queue.oldest_enqueued_at()
         return 0.0 if oldest is None else max(0.0, oldest + self._max_delay_s - now)
+
+    def _flush_now(self) -> bool:
+        """Whether to send what is queued without waiting for company (see the module doc)."""
+        return not self._waits or not self._inflight
 
     def _batch_size(self, now: float) -> int:
         """Triton's rule: a full batch, else all after the max delay, else the largest preferred."""
         depth = self.queue.depth
         if depth >= self._max_size:
             return self._max_size
+        if self._flush_now():
+            return depth
         oldest = self.queue.oldest_enqueued_at()
         if oldest is not None and now - oldest >= self._max_delay_s:
             return depth
@@ -171,7 +188,13 @@ class Batcher:
             )
             task = asyncio.create_task(self._dispatch(slot, batch, error))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        """A batch ended: when it was the last one running, what queued meanwhile goes now."""
+        self._inflight.discard(task)
+        if not self._inflight:
+            self._wake.set()
 
     async def _dispatch(
         self, slot: Slot | None, batch: list[PendingRequest], error: ShepherdError | None

@@ -1,4 +1,4 @@
-"""ShepherdError's rich details, and what a real gRPC client sees through ErrorInterceptor."""
+"""ShepherdError's rich details, and what a real gRPC client sees through the service gate."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from grpc_status import rpc_status
 from deploy.local.ports import free_port
 from libs.errors import (
     STATUS_DETAILS_KEY,
-    ErrorInterceptor,
     ShepherdError,
     invalid_argument,
     resource_exhausted,
 )
+from libs.gate import ServiceGate
 
 SECRET = "db-password-hunter2"
 M = TypeVar("M", bound=Message)
@@ -103,7 +103,7 @@ SERVICE = "shepherd.test.v1.Probe"
 
 @pytest.fixture(scope="module")
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[ServiceGate()])
     handlers = {
         "BadRequest": grpc.unary_unary_rpc_method_handler(fail_with_bad_request),
         "Retry": grpc.unary_unary_rpc_method_handler(fail_with_retry),

@@ -30,7 +30,7 @@ from deploy.local.ports import free_port
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
 from libs.credentials import Credentials
-from libs.server import open_channel
+from libs.peers import PeerChannel, open_channel
 
 # The service token and admin key every scheduler started by the tests is given.
 TEST_CREDENTIALS = Credentials(
@@ -245,10 +245,10 @@ def infer_request(
     )
 
 
-def stub(channel: grpc.aio.Channel) -> scheduler_pb2_grpc.SchedulerServiceStub:
+def stub(channel: grpc.aio.Channel | PeerChannel) -> scheduler_pb2_grpc.SchedulerServiceStub:
     return scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
 
-def internal_channel(address: str) -> grpc.aio.Channel:
+def internal_channel(address: str) -> PeerChannel:
     """A channel that calls as the router does: with the service token on every call."""
     return open_channel(address, TEST_CREDENTIALS)

@@ -9,6 +9,7 @@ backend would, so a request's future shows what its caller would see.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,11 +98,15 @@ class FakeSlot:
 class FakeRunner:
     """Grants `slots` batch slots at once (more via `grant`), runs batches, records them.
 
-    With `finish` set, each batch holds its slot until the test sets the event.
+    With `finish` set, each batch holds its slot until the test sets the event. A batch that
+    holds one of the request ids in `busy` runs until `busy_done` is set: the way a test keeps
+    a batch running, so the batcher waits for company instead of sending at once.
     """
 
     slots: int = 1_000
     finish: asyncio.Event | None = None
+    busy: set[str] = field(default_factory=set)
+    busy_done: asyncio.Event = field(default_factory=asyncio.Event)
     refuse: ShepherdError | None = None
     explode: int = 0  # how many of the next runs raise instead of answering
     lanes: int = 1
@@ -146,6 +151,8 @@ class FakeRunner:
             raise RuntimeError("backend bug: secret stack detail")
         if self.finish is not None:
             await self.finish.wait()
+        if any(item.request_id in self.busy for item in batch):
+            await self.busy_done.wait()
         for item in batch:
             item.settle(
                 common_pb2.Completion(
@@ -207,6 +214,15 @@ def submit_all(batcher: Batcher, items: Sequence[PendingRequest]) -> None:
         batcher.submit(item, retry_after_s=1.0)
 
 
+async def keep_busy(batcher: Batcher, runner: FakeRunner) -> PendingRequest:
+    """Start a batch that runs until `runner.busy_done` is set (see FakeRunner)."""
+    busy = pending("busy")
+    runner.busy.add(busy.request_id)
+    batcher.submit(busy, retry_after_s=1.0)
+    await until(lambda: batcher.inflight_batches == 1)
+    return busy
+
+
 # -- batch sizes ------------------------------------------------------------------------------
 
 
@@ -235,14 +251,16 @@ async def test_fewer_than_any_preferred_size_waits_the_max_delay_then_goes(
 ) -> None:
     runner = FakeRunner()
     batcher = make_batcher(runner, model(8, 150, preferred=(4, 8)))
+    await keep_busy(batcher, runner)
     before = time.monotonic()
     items = [pending(f"r{index}") for index in range(3)]
 
     submit_all(batcher, items)
     await answers(items)
 
-    assert runner.batches == [["r0", "r1", "r2"]]
-    assert runner.times[0] - before >= 0.15 - 1e-3
+    assert runner.batches == [["busy"], ["r0", "r1", "r2"]]
+    assert runner.times[1] - before >= 0.15 - 1e-3
+    runner.busy_done.set()
 
 
 async def test_largest_preferred_size_leaves_at_once_and_the_rest_waits(
@@ -250,23 +268,28 @@ async def test_largest_preferred_size_leaves_at_once_and_the_rest_waits(
 ) -> None:
     runner = FakeRunner()
     batcher = make_batcher(runner, model(8, 10_000, preferred=(4,)))
+    await keep_busy(batcher, runner)
     items = [pending(f"r{index}") for index in range(5)]
 
     submit_all(batcher, items)
     await answers(items[:4])  # long before the 10 s max delay
 
-    assert runner.batches == [["r0", "r1", "r2", "r3"]]
+    assert runner.batches == [["busy"], ["r0", "r1", "r2", "r3"]]
     await asyncio.sleep(0.02)
-    assert runner.batches == [["r0", "r1", "r2", "r3"]]
+    assert runner.batches == [["busy"], ["r0", "r1", "r2", "r3"]]
     assert batcher.queue.depth == 1
     assert not items[4].future.done()
+    runner.busy_done.set()  # the running batch ends: the one left goes without the timer
+    await answers(items[4:])
+    assert runner.batches[-1] == ["r4"]
 
 
 async def test_largest_preferred_size_that_fits_is_chosen_at_grant_time(
     make_batcher: MakeBatcher,
 ) -> None:
-    runner = FakeRunner(slots=0)
+    runner = FakeRunner(slots=1)
     batcher = make_batcher(runner, model(16, 10_000, preferred=(2, 4, 8)))
+    await keep_busy(batcher, runner)  # holds the only slot
     first = [pending(f"a{index}") for index in range(3)]
     submit_all(batcher, first)
     await until(lambda: runner.waiting == 1)  # due at 2, but the slot is busy
@@ -274,11 +297,12 @@ async def test_largest_preferred_size_that_fits_is_chosen_at_grant_time(
     submit_all(batcher, later)  # 7 queued when the slot frees
 
     runner.grant()
-    await until(lambda: len(runner.batches) == 2)
+    await until(lambda: len(runner.batches) == 3)
     await asyncio.sleep(0.02)
 
-    assert [len(batch) for batch in runner.batches] == [4, 2]
+    assert [len(batch) for batch in runner.batches] == [1, 4, 2]
     assert batcher.queue.depth == 1  # the last one waits for more, or for the timer
+    runner.busy_done.set()
 
 
 async def test_full_batch_leaves_at_once_and_overflow_splits(make_batcher: MakeBatcher) -> None:
@@ -295,6 +319,7 @@ async def test_full_batch_leaves_at_once_and_overflow_splits(make_batcher: MakeB
 async def test_lone_request_is_flushed_by_the_max_delay_timer(make_batcher: MakeBatcher) -> None:
     runner = FakeRunner()
     batcher = make_batcher(runner, model(8, 100, preferred=(4,)))
+    await keep_busy(batcher, runner)
     lone = pending("lone")
 
     batcher.submit(lone, retry_after_s=1.0)
@@ -302,8 +327,56 @@ async def test_lone_request_is_flushed_by_the_max_delay_timer(make_batcher: Make
 
     assert answer.text == "answer to lone"
     assert answer.placement.batch_size == 1
+    assert runner.batches == [["busy"], ["lone"]]
+    assert runner.times[1] - lone.enqueued_at >= 0.1 - 1e-3
+    runner.busy_done.set()
+
+
+async def test_lone_request_on_an_idle_model_goes_at_once(make_batcher: MakeBatcher) -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, model(8, 10_000, preferred=(4,)))
+    lone = pending("lone")
+
+    batcher.submit(lone, retry_after_s=1.0)
+    [answer] = await answers([lone])  # long before the 10 s max delay
+
+    assert answer.placement.batch_size == 1
     assert runner.batches == [["lone"]]
-    assert runner.times[0] - lone.enqueued_at >= 0.1 - 1e-3
+
+
+async def test_what_queues_while_the_only_batch_runs_goes_together_when_it_ends(
+    make_batcher: MakeBatcher,
+) -> None:
+    runner = FakeRunner()
+    batcher = make_batcher(runner, model(8, 10_000, preferred=(8,)))
+    busy = await keep_busy(batcher, runner)
+    items = [pending(f"r{index}") for index in range(5)]
+    submit_all(batcher, items)
+    await asyncio.sleep(0.02)
+    assert runner.batches == [["busy"]]  # fewer than 8, delay 10 s: they wait while it runs
+
+    runner.busy_done.set()
+    results = await answers([busy, *items])
+
+    assert runner.batches == [["busy"], [f"r{index}" for index in range(5)]]
+    assert [result.placement.batch_size for result in results[1:]] == [5] * 5
+
+
+async def test_a_hosted_model_never_waits_for_company(make_batcher: MakeBatcher) -> None:
+    runner = FakeRunner()
+    hosted = dataclasses.replace(
+        model(8, 10_000, preferred=(4,)),
+        deployments=(Deployment(name="api/m", kind="hosted", backend_model="m", provider="p"),),
+    )
+    batcher = make_batcher(runner, hosted)
+    await keep_busy(batcher, runner)  # even with a batch running
+    lone = pending("lone")
+
+    batcher.submit(lone, retry_after_s=1.0)
+    await answers([lone])  # long before the 10 s max delay
+
+    assert runner.batches == [["busy"], ["lone"]]
+    runner.busy_done.set()
 
 
 async def test_timer_runs_from_the_oldest_request(make_batcher: MakeBatcher) -> None:
@@ -599,11 +672,25 @@ async def test_estimated_wait_grows_with_the_queue_ahead_and_is_zero_when_cold(
     normal, high, low = (batcher.estimated_wait_s(rank) for rank in (1, 0, 2))
     assert 0 < high < normal <= low
     assert normal == pytest.approx(2 * 0.2)  # 8 requests: two batches of 4, one lane
-    assert high == pytest.approx(0.2 + 0.05)  # alone in its batch: plus the max delay
+    assert high == pytest.approx(0.2)  # alone in its batch, but nothing runs: no max delay
 
     runner.lanes = 2
     assert batcher.estimated_wait_s(1) == pytest.approx(normal / 2)
     batcher.queue.drain(ShepherdError(grpc.StatusCode.UNAVAILABLE, "done"))
+
+
+async def test_estimated_wait_counts_the_max_delay_while_a_batch_runs(
+    make_batcher: MakeBatcher,
+) -> None:
+    runner = FakeRunner(lanes=1)
+    batcher = make_batcher(runner, model(4, 50))
+    batcher.stats.dispatched(0.2, "p/tiny_lm", primary=True)
+    await keep_busy(batcher, runner)
+
+    # One batch running (half done, on average), then the newcomer's own short batch, which
+    # waits the max delay for company.
+    assert batcher.estimated_wait_s(1) == pytest.approx(1.5 * 0.2 + 0.05)
+    runner.busy_done.set()
 
 
 async def test_key_puts_the_model_with_the_most_urgent_work_first(

@@ -8,12 +8,13 @@ requests outstanding (closed loop, well over ten times as many requests per seco
 
 Why each wait is what it is:
 
-* Alone, a quiet request never fills a batch, so it waits the max queue delay (~100 ms).
+* Alone, a quiet request finds the model idle, so it goes at once (the batcher does not make
+  a lone request wait out the max queue delay, 100 ms, when no batch is running).
 * Under the flood the queue is always due, so a request waits only for a slot. With fair share
   the quiet tenant (lifted to the flooder's counter when it arrives, then behind it as soon as
   the flooder is charged) gets a place in the very next batch, so it waits at most about one
-  batch's run (~20 ms). The bound "loaded p99 <= 2x alone p99" (~200 ms) thus holds until a
-  busy machine makes a batch some ten times slower.
+  batch's run (~20 ms). The bound "loaded p99 <= 2x the max queue delay" (200 ms) thus holds
+  until a busy machine makes a batch some ten times slower.
 * The flooder's own requests wait behind the ~31 batches its outstanding requests make
   (~500 ms). Under earliest deadline first alone, a quiet request (same timeout, so a later
   deadline than everything queued) would wait that long too: the test checks that this
@@ -129,7 +130,7 @@ async def test_a_flooding_tenant_does_not_delay_a_quiet_one(
     for index in range(4):
         await infer(stub, "warm-up", f"warm-{index}")
 
-    # Phase 1: the quiet tenant alone. Its batch never fills, so it waits the max delay.
+    # Phase 1: the quiet tenant alone. The model is idle, so its requests go at once.
     await asyncio.wait_for(quiet_sequence(stub, "b-alone"), PHASE_LIMIT_S)
 
     # Phase 2: the same sequence while tenant "a" floods.
@@ -183,11 +184,11 @@ async def test_a_flooding_tenant_does_not_delay_a_quiet_one(
     # requests waited so long that a quiet request served in arrival-deadline order (waiting
     # as long) would break the bound below.
     assert flood_during >= 10 * QUIET_REQUESTS
-    assert flooder.queue_wait_p50_ms > 2 * alone.queue_wait_p99_ms
-    # Alone, a quiet request waits about the max queue delay.
-    assert alone.queue_wait_p99_ms >= 0.9 * MAX_QUEUE_DELAY_MS
+    # Alone, a quiet request does not wait out the max queue delay on an idle model.
+    assert alone.queue_wait_p99_ms < 0.5 * MAX_QUEUE_DELAY_MS
+    assert flooder.queue_wait_p50_ms > 2 * MAX_QUEUE_DELAY_MS
 
-    # Fair share: under the flood a quiet request waits no more than twice that, and far less
-    # than the flooder's own requests.
-    assert loaded.queue_wait_p99_ms <= 2 * alone.queue_wait_p99_ms
+    # Fair share: under the flood a quiet request waits no more than twice the max queue
+    # delay, and far less than the flooder's own requests.
+    assert loaded.queue_wait_p99_ms <= 2 * MAX_QUEUE_DELAY_MS
     assert flooder.queue_wait_p50_ms >= 3 * loaded.queue_wait_p99_ms

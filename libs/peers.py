@@ -1,0 +1,83 @@
+"""Channels to peer services: every call carries the service token and the current trace.
+
+Why not client interceptors: grpc.aio runs each client interceptor as a task of its own
+around every call, and awaiting the call's status inside one also stopped a caller's
+cancellation from reaching the RPC. Measured on this mesh, the three it took (trace, token,
+cancellation) cost more CPU than the call. Here the channel hands the generated stubs
+multicallables that add two things to the call's metadata and otherwise call grpc directly,
+so cancelling a call (or the task awaiting it) cancels the RPC, and the peer stops working
+for a caller that has gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from libs.credentials import Credentials
+from libs.telemetry import trace_metadata
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+_CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class _WithMetadata:
+    """A multicallable that adds the token and trace context to each call's metadata."""
+
+    __slots__ = ("_call", "_fixed")
+
+    def __init__(self, call: Any, fixed: tuple[tuple[str, str], ...]) -> None:
+        self._call = call
+        self._fixed = fixed
+
+    def __call__(self, request: Any, *, metadata: Metadata | None = None, **kwargs: Any) -> Any:
+        extra = (*self._fixed, *trace_metadata())
+        return self._call(request, metadata=(*metadata, *extra) if metadata else extra, **kwargs)
+
+
+class PeerChannel:
+    """A grpc.aio channel whose stubs send the service token and trace on every call.
+
+    Pass it where a generated stub wants a channel: `SchedulerServiceStub(peer)`. Create one
+    per peer at start-up, share it, and `close()` it at shutdown.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, credentials: Credentials) -> None:
+        self.channel = channel
+        self._fixed = credentials.outbound_metadata()
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self.channel.unary_unary(method, *args, **kwargs), self._fixed)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self.channel.unary_stream(method, *args, **kwargs), self._fixed)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self.channel.stream_unary(method, *args, **kwargs), self._fixed)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithMetadata(self.channel.stream_stream(method, *args, **kwargs), self._fixed)
+
+    async def channel_ready(self) -> None:
+        await self.channel.channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        await self.channel.close(grace)
+
+    async def __aenter__(self) -> PeerChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def open_channel(address: str, credentials: Credentials) -> PeerChannel:
+    """Open a channel to a peer service; call once at start-up and share it."""
+    return PeerChannel(grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS), credentials)
