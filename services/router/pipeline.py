@@ -125,9 +125,18 @@ class ChatPipeline:
         return max(0.0, min(cap_s, deadline - time.monotonic()))
 
     async def run(
-        self, request: ChatLike, metadata: Metadata, time_remaining_s: float | None
+        self,
+        request: ChatLike,
+        metadata: Metadata,
+        time_remaining_s: float | None,
+        *,
+        deltas: bool = True,
     ) -> AsyncIterator[ChatEvent]:
-        """Answer `request`: Text events, then one Ending (then the error, if one ended it)."""
+        """Answer `request`: Text events, then one Ending (then the error, if one ended it).
+
+        With `deltas` false (a unary caller) the text comes as one Text event at the end, and
+        the scheduler and backends skip streaming it piece by piece, which costs CPU per piece.
+        """
         tenant = await self._auth.tenant_for(metadata)
         if not request.model:
             raise ShepherdError(
@@ -159,7 +168,7 @@ class ChatPipeline:
             async for event in self._replay(chat, lookup.completion):
                 yield event
             return
-        async for event in self._generate(request, chat, lookup):
+        async for event in self._generate(request, chat, lookup, deltas):
             yield event
 
     async def _replay(
@@ -178,7 +187,7 @@ class ChatPipeline:
         )
 
     async def _generate(
-        self, request: ChatLike, chat: _Request, lookup: cache_pb2.LookupResponse
+        self, request: ChatLike, chat: _Request, lookup: cache_pb2.LookupResponse, deltas: bool
     ) -> AsyncIterator[ChatEvent]:
         """Stream from the scheduler, bill what was used, store a complete answer."""
         call = self._scheduler.InferStream(
@@ -190,6 +199,7 @@ class ChatPipeline:
                 params=chat.params,
                 priority=request.priority,
                 self_hosted_only=request.self_hosted_only,
+                final_only=not deltas,
             ),
             # The scheduler stops a little before the caller's own deadline, so the final
             # chunk (with what was generated, billed) still reaches the caller.
@@ -206,6 +216,9 @@ class ChatPipeline:
                     yield Text(chunk.delta.text)
                 else:
                     final = chunk.final
+                    if final.text:  # final_only: the whole text rides in the final chunk
+                        parts.append(final.text)
+                        yield Text(final.text)
         except grpc.aio.AioRpcError as error:
             failure = from_rpc_error(error, "scheduler")
             late = failure.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -59,7 +59,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         parts: list[str] = []
         ending: Ending | None = None
         async for event in self._pipeline.run(
-            request, context.invocation_metadata() or (), context.time_remaining()
+            request, context.invocation_metadata() or (), context.time_remaining(), deltas=False
         ):
             if isinstance(event, Text):
                 parts.append(event.text)

@@ -356,12 +356,13 @@ class HostedClient:
         deadline: float | None,
         on_delta: Callable[[Delta], None] | None = None,
     ) -> HostedResult:
-        """Stream one chat completion; `deadline` is an absolute `time.monotonic()` instant.
+        """One chat completion; `deadline` is an absolute `time.monotonic()` instant.
 
-        `on_delta` gets each content chunk as it arrives (it must not block). Returns once the
-        stream has ended and its connection is released; raises `HostedError` (see the module
-        docstring), whose `usage` is what a broken stream had consumed. Cancelling the call
-        closes the stream at once.
+        With `on_delta` the answer is streamed, and it gets each content chunk as it arrives
+        (it must not block); without it, nobody reads deltas, so the call does not stream.
+        Returns once the answer has ended and its connection is released; raises
+        `HostedError` (see the module docstring), whose `usage` is what a broken stream had
+        consumed. Cancelling the call closes the stream at once.
         """
         config = self._config
         if self._sdk is None or not config.api_key:
@@ -375,9 +376,10 @@ class HostedClient:
             "messages": [{"role": role, "content": content} for role, content in messages],
             "max_tokens": max_tokens,
             "temperature": temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": on_delta is not None,
         }
+        if on_delta is not None:
+            request["stream_options"] = {"include_usage": True}
         if top_p is not None:
             request["top_p"] = top_p
         if seed is not None:
@@ -511,7 +513,7 @@ class HostedClient:
         parent_ctx: otel_context.Context,
         on_delta: Callable[[Delta], None] | None,
     ) -> HostedResult:
-        """One streaming call: first byte within the attempt timeout, all of it by the deadline."""
+        """One call: a stream's first byte within the attempt timeout, all of it by the deadline."""
         assert self._sdk is not None
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -554,31 +556,49 @@ class HostedClient:
             return deadline_at is not None and loop.time() >= deadline_at - 0.001
 
         try:
-            async with asyncio.timeout_at(first_byte_at) as scope:
-                stream = await self._sdk.chat.completions.create(
-                    **request,
-                    timeout=left if left is not None else first_byte_s,
-                    extra_headers=self._trace_headers(span, parent_ctx),
-                )
-                span.set_attribute("http.response.status_code", stream.response.status_code)
-                async with stream:
-                    async for chunk in stream:
-                        if not streaming:
-                            streaming = True
-                            scope.reschedule(deadline_at)
-                        model = model or chunk.model
-                        if chunk.usage is not None:
-                            reported = chunk.usage
-                        if not chunk.choices:
-                            continue
-                        choice = chunk.choices[0]
-                        piece = choice.delta.content if choice.delta is not None else None
-                        if piece:
-                            tally.add(piece)
-                            if on_delta is not None:
-                                on_delta(Delta(piece, tally.usage()))
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
+            if not request["stream"]:
+                # Nobody reads deltas (a unary Chat): one JSON answer is far cheaper to parse
+                # than a chunk per token. Its first byte comes with the whole answer, so the
+                # attempt timeout bounds all of it.
+                async with asyncio.timeout_at(first_byte_at):
+                    raw = await self._sdk.chat.completions.with_raw_response.create(
+                        **request,
+                        timeout=left if left is not None else first_byte_s,
+                        extra_headers=self._trace_headers(span, parent_ctx),
+                    )
+                span.set_attribute("http.response.status_code", raw.status_code)
+                whole = raw.parse()
+                model = whole.model
+                reported = whole.usage
+                if whole.choices:
+                    tally.add(whole.choices[0].message.content or "")
+                    finish = whole.choices[0].finish_reason
+            else:
+                async with asyncio.timeout_at(first_byte_at) as scope:
+                    stream = await self._sdk.chat.completions.create(
+                        **request,
+                        timeout=left if left is not None else first_byte_s,
+                        extra_headers=self._trace_headers(span, parent_ctx),
+                    )
+                    span.set_attribute("http.response.status_code", stream.response.status_code)
+                    async with stream:
+                        async for chunk in stream:
+                            if not streaming:
+                                streaming = True
+                                scope.reschedule(deadline_at)
+                            model = model or chunk.model
+                            if chunk.usage is not None:
+                                reported = chunk.usage
+                            if not chunk.choices:
+                                continue
+                            choice = chunk.choices[0]
+                            piece = choice.delta.content if choice.delta is not None else None
+                            if piece:
+                                tally.add(piece)
+                                if on_delta is not None:
+                                    on_delta(Delta(piece, tally.usage()))
+                            if choice.finish_reason:
+                                finish = choice.finish_reason
         except TimeoutError:
             if past_deadline():
                 raise failure(
@@ -763,7 +783,9 @@ class HostedBackend:
                     top_p=params.top_p or None,
                     seed=params.seed if params.HasField("seed") else None,
                     deadline=item.deadline,
-                    on_delta=lambda delta: queue.put_nowait((row, delta)),
+                    on_delta=(lambda delta: queue.put_nowait((row, delta)))
+                    if item.deltas
+                    else None,
                 )
             except HostedError as error:
                 queue.put_nowait((row, Failed(error, error.usage)))

@@ -105,6 +105,8 @@ class PendingRequest:
     priority: int = common_pb2.PRIORITY_NORMAL
     # True when the prompt must stay on self-hosted nodes (request or tenant policy).
     self_hosted_only: bool = False
+    # False when the caller reads only the final answer: backends need not stream to it.
+    deltas: bool = True
     enqueued_at: float = field(default_factory=time.monotonic)
     queued: bool = False
     # The tenant's fair-share weight from the catalog (1 for tenants it does not name).

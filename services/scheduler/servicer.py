@@ -53,6 +53,7 @@ def _final(
     placement: common_pb2.Placement | None,
     *,
     estimated: bool = False,
+    text: str = "",
 ) -> scheduler_pb2.InferStreamResponse:
     return scheduler_pb2.InferStreamResponse(
         final=common_pb2.CompletionFinal(
@@ -60,6 +61,7 @@ def _final(
             usage=used,
             placement=placement,
             usage_estimated=estimated,
+            text=text,
         )
     )
 
@@ -114,6 +116,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             priority=request.priority,
             self_hosted_only=request.self_hosted_only,
             weight=self._catalog.tenant(request.tenant).weight,
+            deltas=not getattr(request, "final_only", False),
         )
         return model, item, timeout_s
 
@@ -143,10 +146,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             await self._admission.admit(model, item)
             async with asyncio.timeout(timeout_s):
-                async for delta in channel.deltas():
-                    yield scheduler_pb2.InferStreamResponse(
-                        delta=common_pb2.CompletionDelta(text=delta.text, usage=delta.usage)
-                    )
+                if item.deltas:
+                    async for delta in channel.deltas():
+                        yield scheduler_pb2.InferStreamResponse(
+                            delta=common_pb2.CompletionDelta(text=delta.text, usage=delta.usage)
+                        )
                 completion = await item.future
         except TimeoutError:
             if channel.started:
@@ -163,6 +167,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             completion.usage,
             completion.placement,
             estimated=channel.estimated,
+            text="" if item.deltas else completion.text,
         )
 
     async def GetStats(
