@@ -67,11 +67,12 @@ class KeyStore:
             raise ValueError("tenant must be 1-64 letters, digits, '-' or '_'")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         digest = hash_key(key)
+        created_us = time.time_ns() // 1_000
         info = KeyInfo(
             key_id=key_id_of(digest),
             prefix=key[:SHOWN_CHARS],
             tenant=tenant,
-            created_unix_ms=int(time.time() * 1000),
+            created_unix_ms=created_us // 1_000,
         )
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(KEYS_HASH, digest, tenant)
@@ -84,7 +85,9 @@ class KeyStore:
                     "created_unix_ms": info.created_unix_ms,
                 },
             )
-            pipe.zadd(KEY_IDS, {info.key_id: info.created_unix_ms})
+            # Ordered by microsecond, so keys issued within one millisecond still list newest
+            # first (older entries scored in milliseconds sort below every newer one).
+            pipe.zadd(KEY_IDS, {info.key_id: created_us})
             await pipe.execute()
         return key, info
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from redis.exceptions import RedisError
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
@@ -56,6 +58,10 @@ async def usage_report(
     return buckets, common_pb2.Money(nano_usd=sum(b.cost.nano_usd for b in buckets))
 
 
+# The most records one RecordUsageBatch may carry: bounds the work and memory of one call.
+MAX_BATCH_RECORDS = 1_000
+
+
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     """Prices usage and keeps the ledger."""
 
@@ -66,6 +72,42 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     async def RecordUsage(
         self, request: billing_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.RecordUsageResponse:
+        return await self._record(request)
+
+    async def RecordUsageBatch(
+        self, request: billing_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.RecordUsageBatchResponse:
+        """Each record as RecordUsage would bill it, concurrently; a bad one fails alone."""
+        if len(request.records) > MAX_BATCH_RECORDS:
+            raise invalid_argument(
+                [
+                    (
+                        "records",
+                        f"at most {MAX_BATCH_RECORDS} records per call, not {len(request.records)}",
+                    )
+                ]
+            )
+        outcomes = await asyncio.gather(
+            *(self._record(record) for record in request.records), return_exceptions=True
+        )
+        response = billing_pb2.RecordUsageBatchResponse()
+        for outcome in outcomes:
+            if isinstance(outcome, billing_pb2.RecordUsageResponse):
+                response.outcomes.add(recorded=outcome)
+            elif isinstance(outcome, ShepherdError):
+                response.outcomes.add(
+                    failure=billing_pb2.RecordUsageFailure(
+                        code=outcome.code.value[0], message=outcome.message
+                    )
+                )
+            else:
+                raise outcome  # a bug, not a bad record: INTERNAL for the whole call
+        return response
+
+    async def _record(
+        self, request: billing_pb2.RecordUsageRequest
+    ) -> billing_pb2.RecordUsageResponse:
+        """Validate, price and bill one record; raises ShepherdError with the caller's status."""
         violations = []
         if not request.request_id:
             violations.append(("request_id", "is required; the ledger is idempotent on it"))

@@ -17,6 +17,7 @@ from services.router.config import RouterConfig
 from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
 from services.router.servicer import RouterServicer
+from services.router.usage import UsageRecorder
 
 
 async def serve() -> None:
@@ -31,6 +32,7 @@ async def serve() -> None:
     scheduler, cache, billing = channels
     authenticator = Authenticator(KeyStore(redis_client), config.key_cache_s)
     billing_stub = billing_pb2_grpc.BillingServiceStub(billing)
+    usage = UsageRecorder(billing_stub)
     pipeline = ChatPipeline(
         config,
         catalog,
@@ -38,7 +40,7 @@ async def serve() -> None:
         Quota(Accounts(redis_client), config.quota),
         scheduler_pb2_grpc.SchedulerServiceStub(scheduler),
         cache_pb2_grpc.CacheServiceStub(cache),
-        billing_stub,
+        usage,
     )
     servicer = RouterServicer(config, catalog, authenticator, pipeline, billing_stub)
 
@@ -51,7 +53,11 @@ async def serve() -> None:
         servicer=servicer,
         service=router_pb2.DESCRIPTOR.services_by_name["RouterService"],
     )
-    await run_server(config.server, [binding], cleanups=[close_channels, redis_client.aclose])
+    await run_server(
+        config.server,
+        [binding],
+        cleanups=[usage.close, close_channels, redis_client.aclose],
+    )
 
 
 if __name__ == "__main__":

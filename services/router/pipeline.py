@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
+from shepherd.billing.v1 import billing_pb2
 from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
@@ -38,6 +38,7 @@ from libs.telemetry import current_trace_id
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.quota import Quota, Ticket
+from services.router.usage import UsageRecorder
 from services.router.validation import resolved_params
 
 _log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class ChatPipeline:
         quota: Quota,
         scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
         cache: cache_pb2_grpc.CacheServiceStub,
-        billing: billing_pb2_grpc.BillingServiceStub,
+        usage: UsageRecorder,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -119,7 +120,7 @@ class ChatPipeline:
         self._quota = quota
         self._scheduler = scheduler
         self._cache = cache
-        self._billing = billing
+        self._usage = usage
 
     def _remaining(self, deadline: float, cap_s: float) -> float:
         return max(0.0, min(cap_s, deadline - time.monotonic()))
@@ -358,22 +359,22 @@ class ChatPipeline:
         while True:
             attempt += 1
             try:
-                response = await self._billing.RecordUsage(
-                    record, timeout=_BILLING_RETRY.attempt_timeout(deadline)
+                response = await self._usage.record(
+                    record, _BILLING_RETRY.attempt_timeout(deadline) or 0.0
                 )
                 return response.cost
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise from_rpc_error(error, "billing") from error
+            except ShepherdError as error:
+                if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
                 delay = (
                     _BILLING_RETRY.next_delay(attempt, deadline=deadline)
-                    if error.code() == grpc.StatusCode.UNAVAILABLE
+                    if error.code == grpc.StatusCode.UNAVAILABLE
                     else None
                 )
                 if delay is None:
                     raise ShepherdError(
                         grpc.StatusCode.UNAVAILABLE,
-                        f"the answer was computed but could not be billed ({error.details()});"
+                        f"the answer was computed but could not be billed ({error.message});"
                         f" retry with request_id {chat.request_id!r}: it is billed at most once",
                     ) from error
                 await asyncio.sleep(delay)
