@@ -42,6 +42,11 @@ DEV_TENANT = "dev"
 # The Triton models loaded when the node starts, so no first request waits for a load:
 # shepherd-tiny's, shepherd-tiny-stream's and shepherd-echo's (the gateway benchmark's).
 PRELOADED_MODELS = ("tiny_lm", "tiny_lm_stream", "echo_lm")
+# Requests per minute the launcher's provider simulator allows each key. The simulator's own
+# default (600, `python -m deploy.local.provider_sim --rpm`) is a realistic provider quota for
+# tests of 429 handling; a local mesh under a load test would trip it within a second, so the
+# launcher's stands in for a generous paid tier instead.
+LOCAL_SIM_RPM = 60_000
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,9 @@ class LocalMesh:
         ).start()
         if not self.config.hosted_api_key:
             self.sim = SimProcess(
-                api_key="sim-" + secrets.token_hex(8), log_path=self.log_dir / "provider_sim.log"
+                api_key="sim-" + secrets.token_hex(8),
+                rpm=LOCAL_SIM_RPM,
+                log_path=self.log_dir / "provider_sim.log",
             ).start()
         self.triton.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
         env = self.service_env()
