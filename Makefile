@@ -11,8 +11,8 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
-.PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming lint fmt \
-	clean
+.PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
+	bench-gateway lint fmt clean
 
 all: gen
 
@@ -42,7 +42,7 @@ test: gen lint
 	$(BIN)/python -m pytest
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
-bench: bench-batching bench-quota bench-hosted bench-streaming
+bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -62,6 +62,12 @@ bench-hosted: gen
 # token, total latency, ChatStream against unary Chat throughput, self-hosted and hosted.
 bench-streaming: gen
 	$(BIN)/python -m bench.streaming
+
+# The mesh's own cost per request, as gateways are benchmarked: added latency over calling
+# Triton and the hosted API directly, CPU per request of every process, and the throughput
+# frontier (p99 under 10/50/100 ms); add ARGS=--profile for py-spy flame graphs of the services.
+bench-gateway: gen
+	$(BIN)/python -m bench.gateway $(ARGS)
 
 lint: gen
 	$(BIN)/ruff check .

@@ -32,8 +32,8 @@ first delta with non-empty text), p50/p99 total latency and requests per second:
 The delay-0 copies live in one derived catalog (the shipped catalog plus the two copies),
 passed to every service through SHEPHERD_CATALOG as the integration tests do, so one mesh
 serves both delays and nothing else differs between them. The simulator is started here,
-not by the launcher, with a rate limit high enough never to answer 429 (the launcher's allows
-600 requests a minute, fewer than this run sends); it keeps the launcher's 5 ms latency.
+not by the launcher, with a rate limit high enough never to answer 429 whatever this run
+sends; it keeps the launcher's 5 ms latency.
 
 Method: closed loop, N workers each sending the next request when the last one has ended.
 Within one comparison every path gets the same prompts (distinct from each other, similar in
@@ -71,7 +71,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import grpc
 import numpy as np
@@ -226,21 +226,51 @@ def _shards(concurrency: int) -> int:
     return max(1, math.ceil(concurrency / WORKERS_PER_CHANNEL))
 
 
+CacheMode = Literal["bypass", "hit", "fill"]
+# What a mesh request asks of the cache, and what its answer must say.
+_CACHE_POLICY = {
+    # CACHE_POLICY_BYPASS: never answered from the cache nor stored; a cache hit is an error.
+    "bypass": common_pb2.CACHE_POLICY_BYPASS,
+    # The default policy on a prompt answered before: the answer must be a cache hit.
+    "hit": common_pb2.CACHE_POLICY_UNSPECIFIED,
+    # The default policy, whatever the answer: to store answers that "hit" then finds.
+    "fill": common_pb2.CACHE_POLICY_UNSPECIFIED,
+}
+
+
 class MeshRoute(Route):
-    """`RouterService/ChatStream` (or unary `Chat`) with the tenant's API key."""
+    """`RouterService/ChatStream` (or unary `Chat`) with the tenant's API key.
+
+    `cache` says what the request asks of the cache (see `_CACHE_POLICY`); the streaming
+    benchmark always bypasses it, the gateway benchmark also measures cache hits.
+    """
 
     via_mesh = True
 
     def __init__(
-        self, group: str, router: str, api_key: str, model: str, delay_ms: int, *, unary: bool
+        self,
+        group: str,
+        router: str,
+        api_key: str,
+        model: str,
+        delay_ms: int,
+        *,
+        unary: bool,
+        cache: CacheMode = "bypass",
     ) -> None:
         self.group = group
-        self.path = "mesh Chat (unary)" if unary else "mesh ChatStream"
+        kind = "mesh Chat" if unary else "mesh ChatStream"
+        self.path = {
+            "bypass": f"{kind} (unary)" if unary else kind,
+            "hit": f"{kind} (cache hit)",
+            "fill": f"{kind} (cache fill)",
+        }[cache]
         self.model = model
         self.delay_ms = delay_ms
         self._router = router
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._unary = unary
+        self._cache = cache
         self._max_tokens = MAX_TOKENS if group == "triton" else HOSTED_MAX_TOKENS
         self._channels: list[grpc.aio.Channel] = []
 
@@ -260,16 +290,21 @@ class MeshRoute(Route):
                 "messages": [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=prompt(n))],
                 "params": common_pb2.GenerationParams(max_tokens=self._max_tokens, temperature=0),
                 "priority": common_pb2.PRIORITY_NORMAL,
-                "cache_policy": common_pb2.CACHE_POLICY_BYPASS,
+                "cache_policy": _CACHE_POLICY[self._cache],
             }
+
+        def check_cache(cache_hit: bool) -> None:
+            if self._cache == "bypass" and cache_hit:
+                raise BadAnswer("answered from the cache despite CACHE_POLICY_BYPASS")
+            if self._cache == "hit" and not cache_hit:
+                raise BadAnswer("not a cache hit, on a prompt answered before")
 
         async def stream(n: int) -> Answer:
             request = router_pb2.ChatStreamRequest(**fields(n))
             began = time.perf_counter()
             call = stub.ChatStream(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
             first, ended, text, final = await read_stream(call)
-            if final.cache_hit:
-                raise BadAnswer("answered from the cache despite CACHE_POLICY_BYPASS")
+            check_cache(final.cache_hit)
             return Answer(first - began, ended - began, text, final.placement.batch_size)
 
         async def unary(n: int) -> Answer:
@@ -277,8 +312,7 @@ class MeshRoute(Route):
             began = time.perf_counter()
             response = await stub.Chat(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
             ended = time.perf_counter()
-            if response.cache_hit:
-                raise BadAnswer("answered from the cache despite CACHE_POLICY_BYPASS")
+            check_cache(response.cache_hit)
             if not response.text:
                 raise BadAnswer("empty answer")
             return Answer(None, ended - began, response.text, response.placement.batch_size)
@@ -342,17 +376,42 @@ class SchedulerRoute(Route):
         self._channels = []
 
 
+def triton_inputs(n: int) -> list[triton.InferInput]:
+    """The tensors the scheduler sends for prompt n alone: one row, the prompt rendered by
+    `render_prompt`, MAX_TOKENS, temperature 0 and seed 0."""
+    tensors = []
+    for name, dtype, data in (
+        (
+            "PROMPT",
+            "BYTES",
+            np.array([[render_prompt((("user", prompt(n)),)).encode()]], dtype=np.object_),
+        ),
+        ("MAX_TOKENS", "INT32", np.array([[MAX_TOKENS]], dtype=np.int32)),
+        ("TEMPERATURE", "FP32", np.array([[0.0]], dtype=np.float32)),
+        ("SEED", "INT64", np.array([[0]], dtype=np.int64)),
+    ):
+        tensor = triton.InferInput(name, [1, 1], dtype)
+        tensor.set_data_from_numpy(data)
+        tensors.append(tensor)
+    return tensors
+
+
+TRITON_OUTPUTS = ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+
+
 class TritonRoute(Route):
-    """`stream_infer` straight to the node: what the scheduler sends, for one request alone."""
+    """Straight to the node, what the scheduler sends for one request alone: `stream_infer`
+    on a decoupled model, or (`stream=False`) a unary `infer`."""
 
     group = "triton"
-    path = "direct stream_infer"
-    model = TRITON_MODEL
     delay_ms = None
     via_mesh = False
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, model: str = TRITON_MODEL, *, stream: bool = True) -> None:
+        self.model = model
+        self.path = "direct stream_infer" if stream else "direct infer"
         self._url = url
+        self._stream = stream
         self._clients: list[triton.InferenceServerClient] = []
 
     async def open(self, concurrency: int) -> list[Call]:
@@ -362,27 +421,24 @@ class TritonRoute(Route):
         return [self._caller(self._clients[i % len(self._clients)]) for i in range(concurrency)]
 
     def _caller(self, client: triton.InferenceServerClient) -> Call:
-        outputs = ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+        outputs = [triton.InferRequestedOutput(name) for name in TRITON_OUTPUTS]
+
+        async def unary(n: int) -> Answer:
+            began = time.perf_counter()
+            result = await client.infer(
+                self.model, triton_inputs(n), outputs=outputs, client_timeout=CALL_TIMEOUT_S
+            )
+            ended = time.perf_counter()
+            text = result.as_numpy("TEXT").reshape(-1)[0].decode()
+            if not result.as_numpy("FINISH_REASON").reshape(-1)[0]:
+                raise BadAnswer("the row did not finish")
+            return Answer(None, ended - began, text, 0)
 
         async def call(n: int) -> Answer:
-            tensors = []
-            for name, dtype, data in (
-                (
-                    "PROMPT",
-                    "BYTES",
-                    np.array([[render_prompt((("user", prompt(n)),)).encode()]], dtype=np.object_),
-                ),
-                ("MAX_TOKENS", "INT32", np.array([[MAX_TOKENS]], dtype=np.int32)),
-                ("TEMPERATURE", "FP32", np.array([[0.0]], dtype=np.float32)),
-                ("SEED", "INT64", np.array([[0]], dtype=np.int64)),
-            ):
-                tensor = triton.InferInput(name, [1, 1], dtype)
-                tensor.set_data_from_numpy(data)
-                tensors.append(tensor)
             request = {
-                "model_name": TRITON_MODEL,
-                "inputs": tensors,
-                "outputs": [triton.InferRequestedOutput(name) for name in outputs],
+                "model_name": self.model,
+                "inputs": triton_inputs(n),
+                "outputs": outputs,
             }
 
             async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -414,7 +470,7 @@ class TritonRoute(Route):
                 raise BadAnswer("no response carried text")
             return Answer(first - began, ended - began, "".join(parts), 0)
 
-        return call
+        return call if self._stream else unary
 
     async def close(self) -> None:
         for client in self._clients:
@@ -423,17 +479,19 @@ class TritonRoute(Route):
 
 
 class SseRoute(Route):
-    """The simulator straight through the official SDK, as the scheduler's hosted client asks."""
+    """The simulator straight through the official SDK, as the scheduler's hosted client asks:
+    a stream by SSE, or (`stream=False`) one JSON completion."""
 
     group = "hosted"
-    path = "direct SSE (openai)"
     model = HOSTED_MODEL
     delay_ms = None
     via_mesh = False
 
-    def __init__(self, base_url: str, api_key: str) -> None:
+    def __init__(self, base_url: str, api_key: str, *, stream: bool = True) -> None:
+        self.path = "direct SSE (openai)" if stream else "direct JSON (openai)"
         self._base_url = base_url
         self._api_key = api_key
+        self._stream = stream
         self._client: openai.AsyncOpenAI | None = None
 
     async def open(self, concurrency: int) -> list[Call]:
@@ -444,6 +502,21 @@ class SseRoute(Route):
             http_client=openai.DefaultAioHttpClient(),
         )
         self._client = client
+
+        async def unary(n: int) -> Answer:
+            began = time.perf_counter()
+            completion = await client.chat.completions.create(
+                model=HOSTED_MODEL,
+                messages=[{"role": "user", "content": prompt(n)}],
+                max_tokens=HOSTED_MAX_TOKENS,
+                temperature=0,
+                timeout=CALL_TIMEOUT_S,
+            )
+            ended = time.perf_counter()
+            text = completion.choices[0].message.content if completion.choices else None
+            if not text:
+                raise BadAnswer("no text in the completion")
+            return Answer(None, ended - began, text, 0)
 
         async def call(n: int) -> Answer:
             began = time.perf_counter()
@@ -472,7 +545,7 @@ class SseRoute(Route):
                 raise BadAnswer("no chunk carried text")
             return Answer(first - began, ended - began, "".join(parts), 0)
 
-        return [call] * concurrency
+        return [call if self._stream else unary] * concurrency
 
     async def close(self) -> None:
         if self._client is not None:
@@ -520,6 +593,12 @@ async def closed_loop(calls: Sequence[Call], indices: Sequence[int]) -> RoundRes
     await asyncio.gather(*(worker(call) for call in calls))
     result.wall_s = time.perf_counter() - began
     return result
+
+
+class CpuMeter(Protocol):
+    """CPU seconds used so far by each component a benchmark splits out, by name."""
+
+    def cpu_s(self) -> dict[str, float]: ...
 
 
 @dataclass
@@ -679,7 +758,7 @@ async def measure(
     comparison: Comparison,
     rounds: int,
     warmup: int,
-    pids: Pids,
+    pids: CpuMeter,
     check_alive: Callable[[], None],
 ) -> list[Series]:
     """Warm every path up, then run the rounds, the paths taking turns in rotating order."""
@@ -981,7 +1060,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def idle_cores(pids: Pids, seconds: float) -> dict[str, float]:
+async def idle_cores(pids: CpuMeter, seconds: float) -> dict[str, float]:
     """Mean cores each component used over `seconds` with no request in flight."""
     before, busy, began = pids.cpu_s(), machine_busy_s(), time.perf_counter()
     await asyncio.sleep(seconds)

@@ -39,6 +39,14 @@ from libs.config import DEFAULT_PORTS, REPO_ROOT, env_int
 SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
 DEV_TENANT = "dev"
+# The Triton models loaded when the node starts, so no first request waits for a load:
+# shepherd-tiny's, shepherd-tiny-stream's and shepherd-echo's (the gateway benchmark's).
+PRELOADED_MODELS = ("tiny_lm", "tiny_lm_stream", "echo_lm")
+# Requests per minute the launcher's provider simulator allows each key. The simulator's own
+# default (600, `python -m deploy.local.provider_sim --rpm`) is a realistic provider quota for
+# tests of 429 handling; a local mesh under a load test would trip it within a second, so the
+# launcher's stands in for a generous paid tier instead.
+LOCAL_SIM_RPM = 60_000
 
 
 @dataclass(frozen=True)
@@ -180,15 +188,17 @@ class LocalMesh:
                 work_dir=self.config.run_dir / "triton",
                 model_repository=self.config.model_repository,
                 log_file=self.log_dir / "triton.log",
-                # The scheduler owns placement (explicit mode); the model it serves by default
-                # is loaded up front so the first request does not wait for a load.
+                # The scheduler owns placement (explicit mode); the models it serves by default
+                # are loaded up front so the first request does not wait for a load.
                 model_control_mode="explicit",
-                load_models=("tiny_lm", "tiny_lm_stream"),
+                load_models=PRELOADED_MODELS,
             )
         ).start()
         if not self.config.hosted_api_key:
             self.sim = SimProcess(
-                api_key="sim-" + secrets.token_hex(8), log_path=self.log_dir / "provider_sim.log"
+                api_key="sim-" + secrets.token_hex(8),
+                rpm=LOCAL_SIM_RPM,
+                log_path=self.log_dir / "provider_sim.log",
             ).start()
         self.triton.wait_ready(timeout_s=max(1.0, deadline - time.monotonic()))
         env = self.service_env()
@@ -274,7 +284,7 @@ def banner(mesh: LocalMesh) -> str:
         "",
         *(f"  {name:<10} {mesh.address(name)}" for name in reversed(SERVICES)),
         f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, explicit model control, "
-        "tiny_lm on CPU)",
+        "tiny_lm and echo_lm on CPU)",
         f"  {'hosted':<10} {hosted}",
         f"  {'redis':<10} {mesh.redis_url}",
         f"  {'logs':<10} {mesh.log_dir}",

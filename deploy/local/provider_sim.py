@@ -32,7 +32,11 @@ Simulator-only test hooks live under ``/_sim/`` and are NOT part of the OpenAI A
 Run: ``python -m deploy.local.provider_sim --host 127.0.0.1 --port 0 --api-key KEY``. ``--port 0``
 picks a free port; the actual URL is printed on stdout as
 ``provider-sim listening on http://127.0.0.1:N/v1`` once the socket accepts connections.
-``SimProcess`` runs it as a subprocess for tests and the demo.
+``--rpm`` (``SIM_RPM``) is the per-key limit of requests per minute, 600 by default, like a
+provider's modest tier, so the tests of 429 handling need no setting; ``SimProcess`` defaults to
+the same. The local launcher (``deploy/local/launcher.py``) asks for 60,000, so a load test
+through ``make run`` is not rate limited. ``SimProcess`` runs it as a subprocess for tests and
+the demo.
 """
 
 from __future__ import annotations
@@ -781,7 +785,12 @@ def parse_args(argv: Sequence[str] | None = None) -> SimConfig:
     parser.add_argument("--host", default=env.get("SIM_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env.get("SIM_PORT", "0")))
     parser.add_argument("--api-key", default=env.get("SIM_API_KEY", ""))
-    parser.add_argument("--rpm", type=int, default=int(env.get("SIM_RPM", "600")))
+    parser.add_argument(
+        "--rpm",
+        type=int,
+        default=int(env.get("SIM_RPM", "600")),
+        help="requests per minute allowed per API key, a sliding 60 s window (600)",
+    )
     parser.add_argument("--latency-ms", type=float, default=float(env.get("SIM_LATENCY_MS", "5")))
     parser.add_argument("--models", default=env.get("SIM_MODELS", ",".join(DEFAULT_MODELS)))
     args = parser.parse_args(argv)

@@ -32,9 +32,13 @@ from deploy.local.triton import (
     TritonStartError,
     process_group_members,
 )
+from services.scheduler.triton import render_prompt
 from tests.support.scheduler import start_node, streaming_model_repository
+from tests.support.tiny_lm import tiny_lm_tokenize
 
 MODEL = "tiny_lm"
+# The gateway benchmark's model: tiny_lm's interface, echoing the prompt.
+ECHO_MODEL = "echo_lm"
 STREAM_MODEL = "tiny_lm_stream"
 # tiny_lm_stream with ignore_eos: every row streams exactly its MAX_TOKENS, a long stream.
 LONG_STREAM_MODEL = "tiny_lm_stream_long"
@@ -126,12 +130,13 @@ async def _infer(
     max_tokens: int | list[int] = 16,
     temperature: float | None = None,
     seed: int | None = None,
+    model: str = MODEL,
 ) -> list[Row]:
     """Send all prompts as one request (rows along the batch dimension) and decode the rows."""
     outputs = [grpcclient_aio.InferRequestedOutput(n) for n in OUTPUTS]
     async with grpcclient_aio.InferenceServerClient(url=url) as client:
         result = await client.infer(
-            MODEL,
+            model,
             _inputs(prompts, max_tokens, temperature, seed),
             outputs=outputs,
             client_timeout=30,
@@ -342,7 +347,8 @@ def test_readiness_timeout_error_is_clear(tmp_path: Path) -> None:
     message = str(info.value)
     assert "did not become ready within 0.0s" in message or "within 0.01" in message
     assert f"grpc {config.grpc_url}" in message
-    assert "models not ready: tiny_lm" in message
+    # Every model of the shipped repository, which "none" mode loads, in name order.
+    assert "models not ready: echo_lm, tiny_lm, tiny_lm_stream" in message
     assert str(config.resolved_log_file) in message
 
 
@@ -412,6 +418,64 @@ async def test_bad_temperature_fails_only_that_request(node: TritonNode) -> None
     with pytest.raises(InferenceServerException, match="TEMPERATURE"):
         await _infer(url, [PROMPTS[0]], max_tokens=4, temperature=-1.0, seed=1)
     assert (await _infer(url, [PROMPTS[0]], max_tokens=4))[0].completion_tokens > 0
+
+
+# -- echo_lm: the gateway benchmark's model -------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_echo_lm_has_tiny_lm_tensors(node: TritonNode) -> None:
+    async with grpcclient_aio.InferenceServerClient(url=node.config.grpc_url) as client:
+        assert await client.is_model_ready(ECHO_MODEL)
+        echo = await client.get_model_metadata(ECHO_MODEL, as_json=True)
+        tiny = await client.get_model_metadata(MODEL, as_json=True)
+        config = (await client.get_model_config(ECHO_MODEL, as_json=True))["config"]
+    assert echo["inputs"] == tiny["inputs"]
+    assert echo["outputs"] == tiny["outputs"]
+    assert config["max_batch_size"] == 32
+    assert "dynamic_batching" not in config
+
+
+@pytest.mark.asyncio
+async def test_echo_lm_echoes_the_prompt_with_tiny_lm_counts(node: TritonNode) -> None:
+    """Text, counts and finish reason of several rows in one request (one execution)."""
+    url = node.config.grpc_url
+    prompts = [
+        "Hello, Shepherd mesh!",  # "shepherd" and "!" are not tiny_lm words: hash buckets
+        "The cache keeps answers.",
+        "One two",
+        "",
+        render_prompt((("user", "What is a mesh?"),)),
+    ]
+    executions_before, inferences_before = await _stats(url, ECHO_MODEL)
+    rows = await _infer(url, prompts, max_tokens=[3, 16, 2, 5, 4], model=ECHO_MODEL)
+    executions_after, inferences_after = await _stats(url, ECHO_MODEL)
+    assert rows == [
+        Row("hello, shepherd", 5, 3, "length"),
+        Row("the cache keeps answers.", 5, 5, "stop"),
+        Row("one two", 2, 2, "stop"),  # exactly MAX_TOKENS, but nothing was cut
+        Row("", 0, 0, "stop"),
+        Row("< | user |", 15, 4, "length"),
+    ]
+    assert [r.prompt_tokens for r in rows] == [len(tiny_lm_tokenize(p)) for p in prompts]
+    assert (executions_after - executions_before, inferences_after - inferences_before) == (1, 5)
+
+
+@pytest.mark.asyncio
+async def test_echo_lm_counts_like_tiny_lm_and_ignores_sampling(node: TritonNode) -> None:
+    """Same prompt tokens as tiny_lm; temperature and seed change nothing; 0 tokens, "length"."""
+    url = node.config.grpc_url
+    tiny = await _infer(url, PROMPTS, max_tokens=4)
+    greedy = await _infer(url, PROMPTS, max_tokens=4, model=ECHO_MODEL)
+    sampled = await _infer(url, PROMPTS, max_tokens=4, temperature=0.9, seed=3, model=ECHO_MODEL)
+    assert [r.prompt_tokens for r in greedy] == [r.prompt_tokens for r in tiny]
+    assert sampled == greedy
+    assert all(r.completion_tokens == 4 and r.finish_reason == "length" for r in greedy)
+    assert (await _infer(url, [PROMPTS[0]], max_tokens=0, model=ECHO_MODEL))[0] == Row(
+        "", greedy[0].prompt_tokens, 0, "length"
+    )
+    with pytest.raises(InferenceServerException, match="echo_lm: bad request"):
+        await _infer(url, [PROMPTS[0]], max_tokens=4, temperature=-1.0, model=ECHO_MODEL)
 
 
 # -- tiny_lm_stream: the decoupled twin ------------------------------------------------------

@@ -21,10 +21,12 @@ from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from deploy.local.launcher import LocalMesh
 from libs.catalog import load_catalog
 from libs.config import DEFAULT_CATALOG, REPO_ROOT
+from services.scheduler.triton import render_prompt
 from tests.integration.conftest import Metadata
 from tests.support.catalog import OFFLINE_MODEL
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.scheduler import triton_counts
+from tests.support.tiny_lm import tiny_lm_tokenize
 
 CATALOG = load_catalog(DEFAULT_CATALOG)
 TIMEOUT_S = 30.0
@@ -71,6 +73,27 @@ def test_chat_on_triton_returns_text_usage_cost_and_placement(
     assert response.placement.backend_model == "tiny_lm"
     assert not response.cache_hit
     assert len(response.trace_id) == 32 and int(response.trace_id, 16) != 0
+
+
+def test_chat_on_the_echo_model_echoes_the_rendered_prompt(
+    router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
+) -> None:
+    """shepherd-echo (the gateway benchmark's model) answers through the whole mesh with the
+    start of the prompt as the scheduler renders it, counted by tiny_lm's tokenizer."""
+    _, key = tenant
+    text = f"Echo me {uuid.uuid4().hex[:8]}"
+    response = router.Chat(
+        chat_request("echo", text, max_tokens=6), metadata=auth(key), timeout=TIMEOUT_S
+    )
+    assert response.model == "shepherd-echo"
+    prompt = render_prompt((("user", text),))
+    assert response.text == "< | user | > echo"
+    assert response.usage.prompt_tokens == len(tiny_lm_tokenize(prompt))
+    assert response.usage.completion_tokens == 6
+    assert response.finish_reason == "length"
+    assert response.cost.nano_usd == expected_cost("shepherd-echo", response.usage) > 0
+    assert response.placement.backend_model == "echo_lm"
+    assert response.placement.deployment == "local/echo_lm"
 
 
 def test_chat_on_hosted_api_returns_text_usage_cost_and_placement(

@@ -284,13 +284,21 @@ _TOKEN_RE = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
 _WORD_TO_ID = {w: FIRST_WORD_ID + i for i, w in enumerate(WORDS)}
 
 
+def split(text: str) -> list[str]:
+    """The pieces `tokenize` gives one id each: lower-cased words and punctuation marks.
+
+    Public so that echo_lm echoes exactly the tokens this tokenizer counts.
+    """
+    return _TOKEN_RE.findall(text.lower())
+
+
 def tokenize(text: str) -> list[int]:
     """Split text into word/punctuation tokens; unknown words land in stable hash buckets.
 
     crc32 (not Python's salted hash) keeps ids identical across processes and restarts.
     """
     ids: list[int] = []
-    for piece in _TOKEN_RE.findall(text.lower()):
+    for piece in split(text):
         token_id = _WORD_TO_ID.get(piece)
         if token_id is None:
             bucket = zlib.crc32(piece.encode("utf-8")) % HASH_BUCKETS
@@ -299,17 +307,21 @@ def tokenize(text: str) -> list[int]:
     return ids
 
 
+def piece_text(piece: str, first: bool) -> str:
+    """The text one token piece adds to a completion: after a space unless it is the first
+    one or punctuation (which attaches to the preceding word)."""
+    if first or piece in {".", ","}:
+        return piece
+    return " " + piece
+
+
 def token_text(token_id: int, first: bool) -> str:
-    """The text one generated id adds to a completion: a word, after a space unless it is the
-    first one or punctuation (which attaches to the preceding word).
+    """The text one generated id adds to a completion: its word, spaced by `piece_text`.
 
     Streaming sends exactly these pieces, so a streamed completion concatenates to the same
     text `detokenize` gives for the whole completion.
     """
-    word = WORDS[token_id - FIRST_WORD_ID]
-    if first or word in {".", ","}:
-        return word
-    return " " + word
+    return piece_text(WORDS[token_id - FIRST_WORD_ID], first)
 
 
 def detokenize(ids: list[int]) -> str:
@@ -582,8 +594,9 @@ class _Rows:
     spans: list[tuple[int, int] | Any]
 
 
-def _read_rows(requests: list[Any]) -> _Rows:
-    """Concatenate the rows of all requests; a malformed request gets its own error."""
+def _read_rows(requests: list[Any], model: str = "tiny_lm") -> _Rows:
+    """Concatenate the rows of all requests; a malformed request gets its own error, which
+    names `model` (echo_lm reads its rows with this too)."""
     rows = _Rows([], [], [], [], [])
     for request in requests:
         try:
@@ -608,7 +621,7 @@ def _read_rows(requests: list[Any]) -> _Rows:
                 else [int(s) & 0xFFFFFFFFFFFFFFFF for s in seed_values]
             )
         except Exception as exc:  # Reported to that client, not swallowed.
-            rows.spans.append(pb_utils.TritonError(f"tiny_lm: bad request: {exc}"))
+            rows.spans.append(pb_utils.TritonError(f"{model}: bad request: {exc}"))
             continue
         start = len(rows.prompts)
         rows.prompts.extend(row_prompts)
