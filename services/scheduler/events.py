@@ -135,6 +135,26 @@ class EventChannel:
             self.outcome.set_exception(error)
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """Every delta in order, ending when the request ends; then read `outcome`."""
-        while (item := await self._queue.get()) is not None:
+        """The text in order, ending when the request ends; then read `outcome`.
+
+        Deltas that queued while the reader was busy (sending the previous one) come as one,
+        their texts joined and the latest usage (usage is cumulative): nothing is lost or
+        reordered, and under load a stream costs one message per send, not one per token.
+        An idle reader still gets each delta the moment it arrives.
+        """
+        queue = self._queue
+        while (item := await queue.get()) is not None:
+            ended = False
+            if not queue.empty():
+                texts = [item.text]
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    texts.append(more.text)
+                    item = more
+                item = Delta("".join(texts), item.usage)
             yield item
+            if ended:
+                return

@@ -73,10 +73,12 @@ def test_grpcurl_shows_the_deltas_arriving_then_one_final_chunk(
     mesh: LocalMesh, tenant: tuple[str, str]
 ) -> None:
     _, key = tenant
+    # tiny-slow paces its tokens 50 ms apart: deltas that arrive faster than the mesh sends
+    # them are joined (services/scheduler/events.py), so only a paced model shows each one.
     body = {
-        "model": "tiny-stream",
+        "model": "tiny-slow",
         "messages": [{"role": "ROLE_USER", "content": f"stream to grpcurl {uuid.uuid4().hex}"}],
-        "params": {"max_tokens": 12},
+        "params": {"max_tokens": 4},
     }
     output = grpcurl(
         "-H",
@@ -93,7 +95,7 @@ def test_grpcurl_shows_the_deltas_arriving_then_one_final_chunk(
     final = chunks[-1]["final"]
     assert final["finish_reason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH")
     assert int(final["usage"]["completion_tokens"]) >= len(deltas)
-    assert final["placement"]["backend_model"] == "tiny_lm_stream"
+    assert final["placement"]["backend_model"] == "tiny_lm_slow"
     assert len(final["trace_id"]) == 32
     # The scheduler measured the time to first token and between tokens.
     stats = json.loads(
@@ -101,7 +103,7 @@ def test_grpcurl_shows_the_deltas_arriving_then_one_final_chunk(
             "-H",
             f"authorization: Bearer {mesh.config.admin_key}",
             "-d",
-            '{"model": "tiny-stream"}',
+            '{"model": "tiny-slow"}',
             mesh.address("scheduler"),
             "shepherd.scheduler.v1.SchedulerService/GetStats",
         )
@@ -126,8 +128,7 @@ def test_a_stream_says_what_the_unary_answer_says(
     assert final.cost == answer.cost and final.cost.nano_usd > 0
     assert final.placement.backend_model == answer.placement.backend_model
     assert final.finish_reason in (STOP, LENGTH)
-    if model != "tiny":  # tiny_lm answers in one piece; the others stream
-        assert len(deltas) > 1
+    assert deltas  # how many depends on pacing: deltas that queue up are sent as one
 
 
 def test_a_cache_hit_replays_as_a_stream_at_no_cost(
