@@ -578,6 +578,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
     """p50 and p99 latency against throughput, mesh and direct, each point labelled with its
     concurrency; the frontier's p99 bounds as dotted lines."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -608,8 +609,21 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
             )
     for bound in P99_BOUNDS_MS:
         ax.axhline(bound, color="grey", linestyle=":", linewidth=0.8)
+        ax.annotate(
+            f"{bound:g} ms",
+            (0, bound),
+            xycoords=("axes fraction", "data"),
+            xytext=(2, 2),
+            textcoords="offset points",
+            fontsize=7,
+            color="grey",
+        )
+    # Both axes logarithmic: the mesh and the direct path are an order of magnitude apart.
+    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("throughput (requests/s)")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("throughput (requests/s, log scale)")
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
