@@ -8,7 +8,8 @@ concurrency 1), the CPU it burns per request, and the throughput it sustains at 
 bound. Behind a real model the model's cost hides the gateway's, so, as public gateway
 benchmarks put a mock backend behind the gateway under test, the self-hosted path here runs
 `shepherd-echo`: Triton model `echo_lm`, which answers with the start of its prompt
-(tiny_lm's interface and tokenizer, next to no work), with no batching delay in the catalog.
+(tiny_lm's interface and tokenizer, next to no work), batched like shepherd-tiny (5 ms max
+queue delay, which a lone request on an idle model does not wait out).
 
 It starts one whole local mesh (`deploy/local/launcher.py`'s `LocalMesh` on free 127.0.0.1
 ports, the shipped catalog: Valkey, a CPU Triton node, the four services) and a provider
@@ -24,8 +25,8 @@ a. Added latency at concurrency 1, mesh minus direct, p50 and p99, three compari
      (and so stored) just before; every answer must say `cache_hit`. Same direct baseline;
    - hosted: `Chat` on deepseek-v3.2 (bypass) against the official `openai` `AsyncOpenAI`
      (aiohttp transport, as the scheduler uses) calling the simulator, not streamed. The
-     mesh's side includes deepseek-v3.2's catalog batching delay (10 ms) and the scheduler's
-     streamed call upstream: that is what a hosted request costs through the mesh.
+     mesh's side is whatever a hosted request costs through the mesh with the shipped
+     catalog (deepseek-v3.2's 10 ms batching delay, which a hosted model no longer waits).
    The paths of one comparison get the same prompts and take turns round by round in
    rotating order (bench/streaming.py's `measure`), so drift and noisy neighbours hit them
    alike; each path's answer text is checked against the direct one (`same_text_as_direct`).
