@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway lint fmt clean
+	bench-gateway bench-grpc-floor lint fmt clean
 
 all: gen
 
@@ -42,7 +42,7 @@ test: gen lint
 	$(BIN)/python -m pytest
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
-bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway
+bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -68,6 +68,11 @@ bench-streaming: gen
 # frontier (p99 under 10/50/100 ms); add ARGS=--profile for py-spy flame graphs of the services.
 bench-gateway: gen
 	$(BIN)/python -m bench.gateway $(ARGS)
+
+# What one grpc.aio call costs in CPU on this machine, back to back and after a pause, against a
+# bidirectional stream message and a plain TCP echo: the floor under every hop of the mesh.
+bench-grpc-floor: gen
+	$(BIN)/python -m bench.grpc_floor
 
 lint: gen
 	$(BIN)/ruff check .
