@@ -43,10 +43,10 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import yaml
@@ -431,6 +431,32 @@ def _per_exec(
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The machine a run measured, for its JSON: cores, platform, Python and load average."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_main(main: Callable[[], int], failures: tuple[type[BaseException], ...]) -> NoReturn:
+    """Run a benchmark's main: one line and exit 1 when it cannot measure, 130 on Ctrl-C.
+
+    Every benchmark stops the processes it started on the way out, so Ctrl-C says so.
+    """
+    try:
+        sys.exit(main())
+    except failures as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; every process this run started has been stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def process_cpu_s(pids: Sequence[int]) -> float:
@@ -848,13 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "wall_s": round(time.monotonic() - began, 1),
         "git": _git_describe(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
         "config": {
             "model": MODEL,
             "triton_model": TRITON_MODEL,
@@ -895,11 +915,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, TritonStartError) as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; every process this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, (BenchError, TritonStartError))

@@ -61,8 +61,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
-import secrets
 import shutil
 import signal
 import sys
@@ -72,12 +70,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.batching import process_cpu_s
+from bench.batching import machine, process_cpu_s, run_main
 from bench.pyspy import Recorder, py_spy_binary, summaries_text, write_profiles
 from bench.streaming import (
     HOSTED_MODEL,
     MAX_ERROR_RATE,
-    SIM_RPM,
     WARMUP_BASE,
     BenchError,
     CacheMode,
@@ -95,11 +92,10 @@ from bench.streaming import (
     find_sim_pids,
     idle_cores,
     measure,
+    mesh_with_simulator,
     summarise,
 )
-from deploy.local.launcher import SERVICES, LocalMesh, MeshConfig
-from deploy.local.ports import free_ports
-from deploy.local.provider_sim import SimProcess
+from deploy.local.launcher import LocalMesh
 from deploy.local.triton import TritonStartError, process_group_members
 from libs.apikeys import issue_key_at
 from libs.catalog import load_catalog
@@ -735,79 +731,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     report: dict[str, Any] = {}
     failure = ""
-    sim = SimProcess(
-        api_key="sim-" + secrets.token_hex(8),
-        rpm=SIM_RPM,
-        latency_ms=SIM_LATENCY_MS,
-        log_path=run_dir / "logs" / "provider_sim.log",
-    )
-    mesh: LocalMesh | None = None
     try:
-        print("starting the provider simulator and the mesh...", flush=True)
-        sim.start()
-        mesh = LocalMesh(
-            MeshConfig(
-                run_dir=run_dir,
-                # free_ports, not MeshConfig's per-service free_port (see bench/streaming.py).
-                service_ports=dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True)),
-                hosted_api_key=sim.api_key,
-                extra_env={
-                    "SHEPHERD_HOSTED_API_KEY": sim.api_key,
-                    "SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL": sim.base_url,
-                    # No trace export: an exporter would cost CPU the measured processes need.
-                    "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-                },
+        with mesh_with_simulator(run_dir, SIM_LATENCY_MS, {}) as (mesh, sim):
+            assert mesh.triton is not None and mesh.valkey is not None
+            assert mesh.valkey.pid is not None
+            triton = mesh.triton
+            services = mesh.services
+
+            def check_alive() -> None:
+                for name, proc in services.items():
+                    if proc.poll() is not None:
+                        raise BenchError(
+                            f"the {name} service exited with status {proc.returncode}; see"
+                            f" {run_dir / 'logs' / name}.log"
+                        )
+                if not triton.is_running():
+                    raise BenchError(f"Triton exited; see {run_dir / 'logs' / 'triton.log'}")
+                if sim.returncode is not None:
+                    raise BenchError(f"the provider simulator exited with status {sim.returncode}")
+
+            setup = Setup(
+                router=mesh.address("router"),
+                api_key=asyncio.run(issue_key_at(mesh.redis_url, TENANT)),
+                triton_url=triton.config.grpc_url,
+                sim_url=sim.base_url,
+                sim_key=sim.api_key,
+                echo_delay_ms=delays[ECHO_MODEL],
+                hosted_delay_ms=delays[HOSTED_MODEL],
+                components=Components(
+                    pids={
+                        **{name: [services[name].pid] for name in MESH},
+                        "valkey": [mesh.valkey.pid],
+                        "simulator": find_sim_pids(sim.api_key),
+                    },
+                    triton_pgid=triton.pgid,
+                ),
+                check_alive=check_alive,
             )
-        )
-        mesh.start(timeout_s=MESH_START_TIMEOUT_S)
-        assert mesh.triton is not None and mesh.valkey is not None
-        assert mesh.valkey.pid is not None
-        triton = mesh.triton
-        print(
-            f"mesh up in {time.monotonic() - began:.1f}s: router {mesh.address('router')},"
-            f" triton {triton.config.grpc_url}, simulator {sim.base_url}",
-            flush=True,
-        )
-        services = mesh.services
-
-        def check_alive() -> None:
-            for name, proc in services.items():
-                if proc.poll() is not None:
-                    raise BenchError(
-                        f"the {name} service exited with status {proc.returncode}; see"
-                        f" {run_dir / 'logs' / name}.log"
-                    )
-            if not triton.is_running():
-                raise BenchError(f"Triton exited; see {run_dir / 'logs' / 'triton.log'}")
-            if sim.returncode is not None:
-                raise BenchError(f"the provider simulator exited with status {sim.returncode}")
-
-        setup = Setup(
-            router=mesh.address("router"),
-            api_key=asyncio.run(issue_key_at(mesh.redis_url, TENANT)),
-            triton_url=triton.config.grpc_url,
-            sim_url=sim.base_url,
-            sim_key=sim.api_key,
-            echo_delay_ms=delays[ECHO_MODEL],
-            hosted_delay_ms=delays[HOSTED_MODEL],
-            components=Components(
-                pids={
-                    **{name: [services[name].pid] for name in MESH},
-                    "valkey": [mesh.valkey.pid],
-                    "simulator": find_sim_pids(sim.api_key),
-                },
-                triton_pgid=triton.pgid,
-            ),
-            check_alive=check_alive,
-        )
-        asyncio.run(run_all(args, setup, mesh, rows, report))
+            asyncio.run(run_all(args, setup, mesh, rows, report))
     except (RuntimeError, TritonStartError) as error:  # BenchError, ProfileError, start errors
         failure = str(error)
         print(f"FAILED: {error}", file=sys.stderr, flush=True)
-    finally:
-        if mesh is not None:
-            mesh.stop()
-        sim.stop()
 
     git = _git("describe", "--always", "--dirty")
     judged = judge(rows, delays)
@@ -874,13 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "git": git,
             "git_head": _git("rev-parse", "--short", "HEAD"),
             "command": " ".join(["python -m bench.gateway", *(argv or sys.argv[1:])]),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "load_average_before": [round(x, 2) for x in load_before],
-                "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            },
+            "machine": machine(load_before),
             "config": {
                 "models": {
                     "self_hosted": ECHO_MODEL,
@@ -917,11 +875,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; every process this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, (BenchError,))

@@ -54,12 +54,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import datetime
 import json
 import math
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -68,7 +68,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -82,7 +82,14 @@ from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from bench.batching import CHANNEL_OPTIONS, machine_busy_s, percentile, process_cpu_s
+from bench.batching import (
+    CHANNEL_OPTIONS,
+    machine,
+    machine_busy_s,
+    percentile,
+    process_cpu_s,
+    run_main,
+)
 from bench.batching import prompt as batching_prompt
 from deploy.local.launcher import SERVICES, LocalMesh, MeshConfig
 from deploy.local.ports import free_ports
@@ -1070,6 +1077,60 @@ async def idle_cores(pids: CpuMeter, seconds: float) -> dict[str, float]:
     return {k: round(v, 3) for k, v in used.items()}
 
 
+@contextlib.contextmanager
+def mesh_with_simulator(
+    run_dir: Path, sim_latency_ms: float, extra_env: Mapping[str, str]
+) -> Iterator[tuple[LocalMesh, SimProcess]]:
+    """The whole local mesh on free ports, with a provider simulator of our own; both stop.
+
+    The simulator is never rate limited (SIM_RPM) and nothing exports traces (an exporter
+    would cost CPU the measured processes need). Prints when the mesh is up and how long it
+    took, so a slow start is visible.
+    """
+    began = time.monotonic()
+    sim = SimProcess(
+        api_key="sim-" + secrets.token_hex(8),
+        rpm=SIM_RPM,
+        latency_ms=sim_latency_ms,
+        log_path=run_dir / "logs" / "provider_sim.log",
+    )
+    mesh: LocalMesh | None = None
+    try:
+        print("starting the provider simulator and the mesh...", flush=True)
+        sim.start()
+        mesh = LocalMesh(
+            MeshConfig(
+                run_dir=run_dir,
+                # Not MeshConfig.ephemeral: its free_port() per service can hand out one port
+                # twice, and gRPC's SO_REUSEPORT then lets two services share it (seen here:
+                # router and scheduler on one port). free_ports() holds each until all are
+                # chosen.
+                service_ports=dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True)),
+                # A key of our own simulator: the launcher then starts none of its own, so
+                # the services are told where it is and its key here.
+                hosted_api_key=sim.api_key,
+                extra_env={
+                    **extra_env,
+                    "SHEPHERD_HOSTED_API_KEY": sim.api_key,
+                    "SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL": sim.base_url,
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+                },
+            )
+        )
+        mesh.start(timeout_s=MESH_START_TIMEOUT_S)
+        assert mesh.triton is not None
+        print(
+            f"mesh up in {time.monotonic() - began:.1f}s: router {mesh.address('router')},"
+            f" triton {mesh.triton.config.grpc_url}, simulator {sim.base_url}",
+            flush=True,
+        )
+        yield mesh, sim
+    finally:
+        if mesh is not None:
+            mesh.stop()
+        sim.stop()
+
+
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     """SIGTERM takes the same clean-up path as Ctrl-C: every process started is stopped."""
     raise KeyboardInterrupt
@@ -1216,51 +1277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     idle: dict[str, float] = {}
     failure = ""
-    sim = SimProcess(
-        api_key="sim-" + secrets.token_hex(8),
-        rpm=SIM_RPM,
-        latency_ms=SIM_LATENCY_MS,
-        log_path=run_dir / "logs" / "provider_sim.log",
-    )
-    mesh: LocalMesh | None = None
     try:
-        print("starting the provider simulator and the mesh...", flush=True)
-        sim.start()
-        mesh = LocalMesh(
-            MeshConfig(
-                run_dir=run_dir,
-                # Not MeshConfig.ephemeral: its free_port() per service can hand out one port
-                # twice, and gRPC's SO_REUSEPORT then lets two services share it (seen here:
-                # router and scheduler on one port). free_ports() holds each until all are
-                # chosen.
-                service_ports=dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True)),
-                # A key of our own simulator: the launcher then starts none of its own, so
-                # the services are told where it is and its key here.
-                hosted_api_key=sim.api_key,
-                extra_env={
-                    "SHEPHERD_CATALOG": str(catalog_path),
-                    "SHEPHERD_HOSTED_API_KEY": sim.api_key,
-                    "SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL": sim.base_url,
-                    # No trace export: it would cost CPU the measured processes need.
-                    "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-                },
-            )
-        )
-        mesh.start(timeout_s=MESH_START_TIMEOUT_S)
-        assert mesh.triton is not None
-        print(
-            f"mesh up in {time.monotonic() - began:.1f}s: router {mesh.address('router')},"
-            f" triton {mesh.triton.config.grpc_url}, simulator {sim.base_url}",
-            flush=True,
-        )
-        asyncio.run(run_all(args, mesh, sim, delays, rows, idle))
+        with mesh_with_simulator(
+            run_dir, SIM_LATENCY_MS, {"SHEPHERD_CATALOG": str(catalog_path)}
+        ) as (mesh, sim):
+            asyncio.run(run_all(args, mesh, sim, delays, rows, idle))
     except (RuntimeError, TritonStartError) as error:  # BenchError, MeshStartError, the sim's
         failure = str(error)
         print(f"FAILED: {error}", file=sys.stderr, flush=True)
-    finally:
-        if mesh is not None:
-            mesh.stop()
-        sim.stop()
 
     judged = judge(rows, delays)
     print("\nAll results (ms; delay is the mesh's max_queue_delay_ms)")
@@ -1279,13 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - began, 1),
         "git": _git("describe", "--always", "--dirty"),
         "git_head": _git("rev-parse", "--short", "HEAD"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine(load_before),
         "config": {
             "base_catalog": str(args.catalog),
             "delays_ms": delays,
@@ -1321,11 +1339,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; every process this run started has been stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, (BenchError,))
