@@ -444,6 +444,21 @@ def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
     }
 
 
+def write_report(
+    report: dict[str, Any], output: Path, where: str, *, failed: bool, require: bool, holds: bool
+) -> int:
+    """Write a run's JSON and say where; the exit status: 1 could not measure, 2 missed and
+    --require-target, else 0 (a missed target is a finding, not a failure)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {output}; {where}")
+    if failed:
+        return 1
+    if require and not holds:
+        return 2
+    return 0
+
+
 def run_main(main: Callable[[], int], failures: tuple[type[BaseException], ...]) -> NoReturn:
     """Run a benchmark's main: one line and exit 1 when it cannot measure, 130 on Ctrl-C.
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import shutil
 import signal
@@ -70,7 +69,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.batching import machine, process_cpu_s, run_main
+from bench.batching import machine, process_cpu_s, run_main, write_report
 from bench.pyspy import Recorder, py_spy_binary, summaries_text, write_profiles
 from bench.streaming import (
     HOSTED_MODEL,
@@ -864,14 +863,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "failure": failure,
         }
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {output}; plot {plotted or 'none'}; mesh logs in {run_dir / 'logs'}")
-    if failure:
-        return 1
-    if args.require_target and not judged["holds"]:
-        return 2
-    return 0
+    return write_report(
+        report,
+        output,
+        f"plot {plotted or 'none'}; mesh logs in {run_dir / 'logs'}",
+        failed=bool(failure),
+        require=args.require_target,
+        holds=judged["holds"],
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ import asyncio
 import contextlib
 import copy
 import datetime
-import json
 import math
 import os
 import secrets
@@ -89,6 +88,7 @@ from bench.batching import (
     percentile,
     process_cpu_s,
     run_main,
+    write_report,
 )
 from bench.batching import prompt as batching_prompt
 from deploy.local.launcher import SERVICES, LocalMesh, MeshConfig
@@ -1328,14 +1328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "judged": judged,
         "failure": failure,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"results written to {output}; mesh logs in {run_dir / 'logs'}")
-    if failure:
-        return 1
-    if args.require_target and not judged["holds"]:
-        return 2
-    return 0
+    return write_report(
+        report,
+        output,
+        f"mesh logs in {run_dir / 'logs'}",
+        failed=bool(failure),
+        require=args.require_target,
+        holds=judged["holds"],
+    )
 
 
 if __name__ == "__main__":
