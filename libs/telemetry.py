@@ -98,6 +98,18 @@ def server_span(
         yield span
 
 
+@contextmanager
+def child_span(name: str, traceparent: str) -> Iterator[trace.Span]:
+    """A span under the trace `traceparent` names (or under the current span when empty).
+
+    For work one RPC does on behalf of several requests (billing's batch of usage records):
+    each request's trace shows its own part, not only the trace the batch call carried.
+    """
+    context = propagate.extract({"traceparent": traceparent}) if traceparent else None
+    with _tracer.start_as_current_span(name, context=context) as span:
+        yield span
+
+
 def end_status(span: trace.Span, code: grpc.StatusCode, message: str = "") -> None:
     """Record how the RPC ended on its server span."""
     span.set_attribute("rpc.grpc.status_code", code.value[0])

@@ -13,6 +13,7 @@ from libs.accounts import Aggregate, utc_now
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
+from libs.telemetry import child_span
 from services.billing.ledger import Bucket, Ledger, UsageEntry, report_range
 
 TENANT_RULE = "is required: 1-64 letters, digits, '-' or '_'"
@@ -105,6 +106,14 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return response
 
     async def _record(
+        self, request: billing_pb2.RecordUsageRequest
+    ) -> billing_pb2.RecordUsageResponse:
+        """Bill one record inside a span of its own request's trace (see `child_span`)."""
+        with child_span("billing.record", request.traceparent) as span:
+            span.set_attribute("shepherd.request_id", request.request_id)
+            return await self._record_one(request)
+
+    async def _record_one(
         self, request: billing_pb2.RecordUsageRequest
     ) -> billing_pb2.RecordUsageResponse:
         """Validate, price and bill one record; raises ShepherdError with the caller's status."""

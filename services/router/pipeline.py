@@ -34,7 +34,7 @@ from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, from_rpc_error
 from libs.fingerprint import is_cacheable, request_fingerprint
 from libs.retry import RetryPolicy
-from libs.telemetry import current_trace_id
+from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.quota import Quota, Ticket
@@ -353,6 +353,8 @@ class ChatPipeline:
             usage=used,
             cache_hit=cache_hit,
             fingerprint=chat.fingerprint,
+            # Records go to billing in groups: each carries its own request's trace.
+            traceparent=dict(trace_metadata()).get("traceparent", ""),
         )
         deadline = time.monotonic() + self._config.billing_timeout_s
         attempt = 0

@@ -348,6 +348,29 @@ def test_one_request_makes_one_trace_across_all_services(
     assert (response.trace_id, scheduler_server.span_id) in batch.links
 
 
+def test_every_trace_shows_its_own_billing_even_when_records_travel_together(
+    otlp: OtlpReceiver, router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
+) -> None:
+    # Concurrent answers reach billing in shared RecordUsageBatch calls (the router groups
+    # the records of answers that finish while a call is in flight); each record still
+    # carries its own request's trace, so no trace loses its billing step.
+    _, key = tenant
+    tag = uuid.uuid4().hex
+
+    def ask(n: int) -> router_pb2.ChatResponse:
+        request = chat_request("echo", f"grouped billing {tag} {n}", max_tokens=2)
+        request.cache_policy = common_pb2.CACHE_POLICY_BYPASS
+        return router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(ask, range(24)))
+    for answer in answers:
+        spans = otlp.wait_for_trace(answer.trace_id, {"shepherd-billing"}, {"billing.record"})
+        records = [s for s in spans if s.name == "billing.record"]
+        assert len(records) == 1, f"trace {answer.trace_id} has {len(records)} billing records"
+        assert records[0].service == "shepherd-billing"
+
+
 def test_an_operator_reads_the_scheduler_state_with_grpcurl(
     mesh: LocalMesh, router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
 ) -> None:
