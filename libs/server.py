@@ -50,6 +50,9 @@ class Binding:
 # Service start receiving traffic from long-lived peer channels too. The server accepts the
 # peers' 30 s keepalive pings instead of answering them with GOAWAY (too_many_pings).
 _SERVER_OPTIONS = (
+    # One server per port: without this, gRPC sets SO_REUSEPORT, and a second service started
+    # on a port in use (a second `make run`) also "comes up" and splits the traffic.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 30_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
@@ -107,8 +110,15 @@ async def run_server(
         ],
         server,
     )
-    if server.add_insecure_port(config.address) == 0:
-        raise OSError(f"{config.service} could not listen on {config.address}: is the port in use?")
+    try:
+        bound = server.add_insecure_port(config.address)
+    except RuntimeError:  # grpc raises when it cannot bind at all
+        bound = 0
+    if bound == 0:
+        raise ListenError(
+            f"{config.service} could not listen on {config.address}: is the port in use? (set"
+            f" SHEPHERD_{config.service.upper()}_PORT to another port, or stop what holds it)"
+        )
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -134,6 +144,10 @@ async def run_server(
         provider.shutdown()  # flushes spans still buffered for the OTLP exporter
 
 
+class ListenError(OSError):
+    """The service's port cannot be bound: a start-up error with one clear line."""
+
+
 def main(serve: Callable[[], Awaitable[None]]) -> None:
     """Run a service's `serve()`; a configuration error ends it with one clear line, exit 2.
 
@@ -144,6 +158,9 @@ def main(serve: Callable[[], Awaitable[None]]) -> None:
         uvloop.run(serve())
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ListenError as error:
+        print(f"cannot start: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -102,6 +102,42 @@ def test_service_serves_health_reflection_and_stops_gracefully_on_sigterm() -> N
             proc.wait()
 
 
+def test_a_second_service_on_a_port_in_use_refuses_to_start_with_one_clear_line() -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SHEPHERD_CACHE_PORT": str(port),
+        "SHEPHERD_INTERNAL_TOKEN": TOKEN,
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # never contacted
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "services.cache"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+        second = subprocess.run(
+            [sys.executable, "-m", "services.cache"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert first.poll() is None, "the first service must keep its port"
+    finally:
+        first.terminate()
+        first.wait(timeout=20)
+    assert second.returncode == 2
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cannot start: cache could not listen on 127.0.0.1:{port}")
+    assert "is the port in use?" in last and "SHEPHERD_CACHE_PORT" in last
+
+
 def assert_only_the_service_token_opens_the_cache(channel: grpc.Channel) -> None:
     """Health and reflection are open; a cache call needs the service token."""
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
