@@ -6,18 +6,17 @@ one INVALID_ARGUMENT with google.rpc.BadRequest field violations, and nothing is
 
 from __future__ import annotations
 
-import math
-
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
 
 from libs.catalog import Model
 from libs.errors import invalid_argument
+from libs.generation import message_violations, params_violations, priority_violations
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 200_000
 MAX_REQUEST_ID_CHARS = 128
-_ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
+_CACHE_POLICIES = frozenset(common_pb2.CachePolicy.values())
 
 
 def resolved_params(request: router_pb2.ChatRequest, model: Model) -> common_pb2.GenerationParams:
@@ -27,11 +26,8 @@ def resolved_params(request: router_pb2.ChatRequest, model: Model) -> common_pb2
         violations.append(("messages", "at least one message is required"))
     if len(request.messages) > MAX_MESSAGES:
         violations.append(("messages", f"at most {MAX_MESSAGES} messages are allowed"))
+    violations.extend(message_violations(request.messages))
     for index, message in enumerate(request.messages):
-        if message.role not in _ROLES:
-            violations.append(
-                (f"messages[{index}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-            )
         if not message.content.strip():
             violations.append((f"messages[{index}].content", "must not be empty"))
         elif len(message.content) > MAX_CONTENT_CHARS:
@@ -39,18 +35,15 @@ def resolved_params(request: router_pb2.ChatRequest, model: Model) -> common_pb2
                 (f"messages[{index}].content", f"must be at most {MAX_CONTENT_CHARS} characters")
             )
     params = request.params
-    if params.max_tokens < 0 or params.max_tokens > model.max_output_tokens:
+    violations.extend(params_violations(params, model, resolved=False))
+    violations.extend(priority_violations(request.priority))
+    if request.cache_policy not in _CACHE_POLICIES:
         violations.append(
             (
-                "params.max_tokens",
-                f"must be between 1 and {model.max_output_tokens} for {model.name}"
-                " (0 uses the model's default)",
+                "cache_policy",
+                "must be CACHE_POLICY_AUTO, CACHE_POLICY_BYPASS or CACHE_POLICY_ALWAYS (or unset)",
             )
         )
-    if not math.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
-        violations.append(("params.temperature", "must be between 0 and 2"))
-    if not math.isfinite(params.top_p) or not 0.0 <= params.top_p <= 1.0:
-        violations.append(("params.top_p", "must be in (0, 1], or 0 for the default"))
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters"))
     if violations:

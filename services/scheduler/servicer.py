@@ -14,6 +14,7 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, invalid_argument
+from libs.generation import message_violations, params_violations, priority_violations
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
 from services.scheduler.events import finish_reason
@@ -98,10 +99,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             violations.append(("tenant", "is required: 1-64 letters, digits, '-' or '_'"))
         if not request.messages:
             violations.append(("messages", "at least one message is required"))
-        if any(m.role not in _ROLES for m in request.messages):
-            violations.append(("messages.role", "must be system, user or assistant"))
-        if request.params.max_tokens < 1:
-            violations.append(("params.max_tokens", "must be resolved to at least 1"))
+        violations.extend(message_violations(request.messages))
+        # Checked again here, not trusted from the router: a bad row must never reach a batch.
+        violations.extend(params_violations(request.params, model, resolved=True))
+        violations.extend(priority_violations(request.priority))
         if violations:
             raise invalid_argument(violations)
         remaining = context.time_remaining()

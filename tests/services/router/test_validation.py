@@ -134,8 +134,8 @@ def test_every_violation_is_reported_at_once() -> None:
 
     assert fields(req) == [
         "messages[1].role",
-        "messages[2].content",
         "messages[3].role",
+        "messages[2].content",
         "messages[3].content",
         "params.max_tokens",
         "params.temperature",
@@ -148,3 +148,15 @@ def test_request_id_at_the_limit_is_accepted() -> None:
     req = request()
     req.request_id = "r" * MAX_REQUEST_ID_CHARS
     resolved_params(req, MODEL)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("priority", 99), ("cache_policy", 99), ("priority", -1)]
+)
+def test_unknown_enum_values_are_refused_not_read_as_a_default(field: str, value: int) -> None:
+    req = request()
+    setattr(req, field, value)
+
+    assert fields(req) == [field]
+    [(_, message)] = violations(req)
+    assert "must be" in message and "(or unset)" in message

@@ -10,6 +10,7 @@ occupying the only batch slot while the requests under test queue behind it.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import time
@@ -559,3 +560,29 @@ async def test_infer_validates_its_own_input_even_from_the_router(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tenant: is required" in caught.value.details()
     assert "messages: at least one message is required" in caught.value.details()
+
+
+async def test_a_bad_row_is_refused_before_batching_and_never_fails_its_batch_mates(
+    node: TritonNode, launch: Launch, channel_to: Callable[..., Any]
+) -> None:
+    # The router validates too, but a scheduler trusts no caller: a non-finite temperature
+    # sent straight to it once joined a batch and failed its batch-mates with INTERNAL.
+    stub = channel_to(launch(one_node_catalog(node, chat={"model": "tiny_a"})))
+    bad = infer_request("chat", request_id="nan")
+    bad.params.temperature = math.nan
+    bad.priority = 99  # type: ignore[assignment]
+    good = [infer_request("chat", request_id=f"good-{n}") for n in range(6)]
+
+    outcomes = await asyncio.gather(
+        stub.Infer(bad, timeout=30),
+        *(stub.Infer(request, timeout=30) for request in good),
+        return_exceptions=True,
+    )
+
+    refused = outcomes[0]
+    assert isinstance(refused, grpc.aio.AioRpcError)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "params.temperature: must be between 0 and 2" in (refused.details() or "")
+    assert "priority: must be" in (refused.details() or "")
+    answers = outcomes[1:]
+    assert all(isinstance(a, scheduler_pb2.InferResponse) and a.completion.text for a in answers)

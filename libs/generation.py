@@ -1,0 +1,58 @@
+"""What a valid request for a model looks like, checked by every service that receives one.
+
+The router checks a caller's request; the scheduler checks the router's again, because an
+internal caller can be wrong too, and one bad row must never reach a backend batch where it
+could fail its batch-mates (a NaN temperature once failed five legitimate requests with
+INTERNAL). One set of rules, here, so the two services cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from shepherd.common.v1 import common_pb2
+
+from libs.catalog import Model
+
+Violation = tuple[str, str]
+
+ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
+PRIORITIES = frozenset(common_pb2.Priority.values())
+
+
+def message_violations(messages: Iterable[common_pb2.ChatMessage]) -> list[Violation]:
+    """Every message needs a known role."""
+    return [
+        (f"messages[{index}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        for index, message in enumerate(messages)
+        if message.role not in ROLES
+    ]
+
+
+def params_violations(
+    params: common_pb2.GenerationParams, model: Model, *, resolved: bool
+) -> list[Violation]:
+    """The sampling parameters' bounds; `resolved` requests (the scheduler's) need max_tokens."""
+    violations: list[Violation] = []
+    low = 1 if resolved else 0
+    if not low <= params.max_tokens <= model.max_output_tokens:
+        default = "" if resolved else " (0 uses the model's default)"
+        violations.append(
+            (
+                "params.max_tokens",
+                f"must be between 1 and {model.max_output_tokens} for {model.name}{default}",
+            )
+        )
+    if not math.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
+        violations.append(("params.temperature", "must be between 0 and 2"))
+    if not math.isfinite(params.top_p) or not 0.0 <= params.top_p <= 1.0:
+        violations.append(("params.top_p", "must be in (0, 1], or 0 for the default"))
+    return violations
+
+
+def priority_violations(priority: int) -> list[Violation]:
+    """An unknown priority is refused rather than read as some default."""
+    if priority in PRIORITIES:
+        return []
+    return [("priority", "must be PRIORITY_LOW, PRIORITY_NORMAL or PRIORITY_HIGH (or unset)")]
