@@ -83,6 +83,7 @@ class Ending:
     cache_hit: bool
     trace_id: str
     usage_estimated: bool = False
+    seed: int | None = None  # what a sampled answer was generated with, to reproduce it
 
 
 ChatEvent = Text | Ending
@@ -185,6 +186,7 @@ class ChatPipeline:
             cost,
             completion.placement,
             cache_hit=True,
+            seed=completion.seed if completion.HasField("seed") else None,
         )
 
     async def _generate(
@@ -257,12 +259,14 @@ class ChatPipeline:
                 grpc.StatusCode.INTERNAL, "the scheduler ended the stream without a final chunk"
             )
         cost = await self._bill(chat, final.usage, final.placement, cache_hit=False)
+        seed = final.seed if final.HasField("seed") else None
         if lookup.cacheable and final.finish_reason in _CACHEABLE_ENDINGS:
             completion = common_pb2.Completion(
                 text="".join(parts),
                 finish_reason=FINISH_TEXT[final.finish_reason],
                 usage=final.usage,
                 placement=final.placement,
+                seed=seed,
             )
             await self._store(chat, lookup.key, completion)
         yield self._ending(
@@ -273,6 +277,7 @@ class ChatPipeline:
             final.placement,
             cache_hit=False,
             estimated=final.usage_estimated,
+            seed=seed,
         )
 
     def _ending(
@@ -285,6 +290,7 @@ class ChatPipeline:
         *,
         cache_hit: bool,
         estimated: bool = False,
+        seed: int | None = None,
     ) -> Ending:
         return Ending(
             request_id=chat.request_id,
@@ -296,6 +302,7 @@ class ChatPipeline:
             cache_hit=cache_hit,
             trace_id=current_trace_id(),
             usage_estimated=estimated,
+            seed=seed,
         )
 
     async def _lookup(self, request: ChatLike, chat: _Request) -> cache_pb2.LookupResponse:

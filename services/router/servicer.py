@@ -33,6 +33,7 @@ def _final(ending: Ending) -> router_pb2.ChatFinal:
         cache_hit=ending.cache_hit,
         trace_id=ending.trace_id,
         usage_estimated=ending.usage_estimated,
+        seed=ending.seed,
     )
 
 
@@ -76,6 +77,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             placement=ending.placement,
             cache_hit=ending.cache_hit,
             trace_id=ending.trace_id,
+            seed=ending.seed,
         )
 
     async def ChatStream(

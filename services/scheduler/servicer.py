@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -55,6 +56,7 @@ def _final(
     *,
     estimated: bool = False,
     text: str = "",
+    seed: int | None = None,
 ) -> scheduler_pb2.InferStreamResponse:
     return scheduler_pb2.InferStreamResponse(
         final=common_pb2.CompletionFinal(
@@ -63,8 +65,18 @@ def _final(
             placement=placement,
             usage_estimated=estimated,
             text=text,
+            seed=seed,
         )
     )
+
+
+def _sampled(item: PendingRequest) -> bool:
+    """Whether the answer was sampled (so its seed is worth returning)."""
+    return item.params.temperature > 0 and item.params.HasField("seed")
+
+
+# Per-request seeds: not secrets, only fresh; one generator, seeded from the OS once.
+_SEEDS = random.Random()
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -107,11 +119,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise invalid_argument(violations)
         remaining = context.time_remaining()
         timeout_s = self._default_timeout_s if remaining is None else remaining
+        params = request.params
+        if params.temperature > 0 and not params.HasField("seed"):
+            # Sampling without a seed means fresh randomness: a seed of our own per request,
+            # recorded in the answer (Completion.seed) so that it can be reproduced.
+            params = common_pb2.GenerationParams()
+            params.CopyFrom(request.params)
+            params.seed = _SEEDS.getrandbits(63)
         item = PendingRequest(
             request_id=request.request_id,
             tenant=request.tenant,
             messages=tuple((_ROLES[m.role], m.content) for m in request.messages),
-            params=request.params,
+            params=params,
             deadline=time.monotonic() + timeout_s,
             span_context=trace.get_current_span().get_span_context(),
             priority=request.priority,
@@ -132,6 +151,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             completion = await asyncio.wait_for(item.future, timeout_s)
         except TimeoutError:
             raise _too_late(model, timeout_s) from None
+        if _sampled(item):
+            completion.seed = item.params.seed
         return scheduler_pb2.InferResponse(completion=completion)
 
     async def InferStream(
@@ -169,6 +190,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             completion.placement,
             estimated=channel.estimated,
             text="" if item.deltas else completion.text,
+            seed=item.params.seed if _sampled(item) else None,
         )
 
     async def GetStats(

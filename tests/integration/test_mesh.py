@@ -371,6 +371,27 @@ def test_every_trace_shows_its_own_billing_even_when_records_travel_together(
         assert records[0].service == "shepherd-billing"
 
 
+def test_sampling_without_a_seed_is_fresh_and_the_returned_seed_reproduces_it(
+    router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
+) -> None:
+    _, key = tenant
+    prompt = f"tell me something new {uuid.uuid4().hex}"
+
+    def ask(**params: object) -> router_pb2.ChatResponse:
+        request = chat_request("tiny", prompt, max_tokens=12, **params)
+        request.cache_policy = common_pb2.CACHE_POLICY_BYPASS
+        return router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
+
+    sampled = [ask(temperature=1.5) for _ in range(4)]
+    assert all(answer.HasField("seed") for answer in sampled)
+    assert len({answer.seed for answer in sampled}) == 4
+    assert len({answer.text for answer in sampled}) > 1, "unseeded sampling repeated itself"
+
+    again = ask(temperature=1.5, seed=sampled[0].seed)
+    assert again.text == sampled[0].text and again.seed == sampled[0].seed
+    assert not ask(temperature=0).HasField("seed")  # greedy: nothing to reproduce
+
+
 def test_an_operator_reads_the_scheduler_state_with_grpcurl(
     mesh: LocalMesh, router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
 ) -> None:
