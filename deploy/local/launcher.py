@@ -14,16 +14,19 @@ key, and stops everything in reverse order on Ctrl-C or SIGTERM. Nothing listens
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -140,6 +143,7 @@ class LocalMesh:
         self.redis_url = config.redis_url
         self.dev_api_key = ""
         self.log_dir = config.run_dir / "logs"
+        self._lock: IO[str] | None = None
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.config.service_ports[service]}"
@@ -178,6 +182,8 @@ class LocalMesh:
     def _start(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir()
+        self._check_ports_free()
         if not self.redis_url:
             self.valkey = ValkeyServer(
                 ValkeyConfig(port=free_port(), data_dir=self.config.run_dir / "valkey")
@@ -211,6 +217,38 @@ class LocalMesh:
         for name in SERVICES:
             self._wait_serving(name, deadline)
         self.dev_api_key = asyncio.run(issue_key_at(self.redis_url, DEV_TENANT))
+
+    def _claim_run_dir(self) -> None:
+        """Hold the run directory for this mesh's life: two meshes must not share it.
+
+        A second `make run` would otherwise start a second Valkey on the same append-only
+        file and overwrite the first mesh's logs. The lock is the kernel's (flock), so it is
+        released even when this process is killed.
+        """
+        lock = open(self.config.run_dir / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise MeshStartError(
+                f"another mesh is running from {self.config.run_dir} (a second `make run`?):"
+                " stop it first, or run this one from another directory"
+            ) from None
+        self._lock = lock
+
+    def _check_ports_free(self) -> None:
+        """Refuse at once, before starting anything, when a service port is taken."""
+        for name, port in self.config.service_ports.items():
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                # A port left in TIME_WAIT by a mesh just stopped is free; a listener is not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    raise MeshStartError(
+                        f"port {port} for the {name} service is in use: stop what holds it, or"
+                        f" set SHEPHERD_{name.upper()}_PORT to another port"
+                    ) from None
 
     def _wait_serving(self, name: str, deadline: float) -> None:
         wait_serving(
@@ -254,6 +292,9 @@ class LocalMesh:
         if self.valkey is not None:
             self.valkey.stop()
             self.valkey = None
+        if self._lock is not None:
+            self._lock.close()  # releases the run directory
+            self._lock = None
 
     def __enter__(self) -> LocalMesh:
         return self.start()
