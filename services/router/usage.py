@@ -68,10 +68,9 @@ class UsageRecorder:
     def _pump(self) -> None:
         """Start calls while there is work and room for another call in flight."""
         while self._queue and len(self._inflight) < self._max_inflight:
-            group = [p for p in self._queue[: self._max_batch] if not p.outcome.done()]
+            # Records whose caller stopped waiting go too: the usage happened all the same.
+            group = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
-            if not group:
-                continue
             task = asyncio.create_task(self._send(group))
             self._inflight.add(task)
             task.add_done_callback(self._sent)
