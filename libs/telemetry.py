@@ -9,7 +9,7 @@ services.
 Why not opentelemetry-instrumentation-grpc: measured on this mesh, its aio interceptors cost
 about 0.8 ms of CPU per hop (client plus server), more than the hop itself, and a client
 interceptor in grpc.aio wraps every call in extra tasks. Here the server side is one span per
-RPC, opened by the service gate (libs/server.py) with its attributes set once, and the client
+RPC, opened by the service gate (libs/gate.py) with its attributes set once, and the client
 side is two metadata entries added to each outbound call (`trace_metadata`, used by
 libs/peers.py's channel): no client span, since the peer's server span already records the
 hop and its timing. The span names and attributes are the instrumentation's own
