@@ -19,6 +19,7 @@ Violation = tuple[str, str]
 
 ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
 PRIORITIES = frozenset(common_pb2.Priority.values())
+CACHE_POLICIES = frozenset(common_pb2.CachePolicy.values())
 
 
 def message_violations(messages: Iterable[common_pb2.ChatMessage]) -> list[Violation]:
@@ -56,3 +57,15 @@ def priority_violations(priority: int) -> list[Violation]:
     if priority in PRIORITIES:
         return []
     return [("priority", "must be PRIORITY_LOW, PRIORITY_NORMAL or PRIORITY_HIGH (or unset)")]
+
+
+def cache_policy_violations(policy: int) -> list[Violation]:
+    """An unknown cache policy is refused rather than read as some default."""
+    if policy in CACHE_POLICIES:
+        return []
+    return [
+        (
+            "cache_policy",
+            "must be CACHE_POLICY_AUTO, CACHE_POLICY_BYPASS or CACHE_POLICY_ALWAYS (or unset)",
+        )
+    ]

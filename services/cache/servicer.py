@@ -16,6 +16,7 @@ from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
 from libs.fingerprint import is_cacheable
+from libs.generation import cache_policy_violations, message_violations
 from services.cache.keys import cache_key, key_namespace, namespace
 from services.cache.store import ResponseStore
 
@@ -37,6 +38,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             violations.append(("model_family", "is required"))
         if not valid_tenant(request.tenant):
             violations.append(("tenant", _TENANT_RULE))
+        # The cache owns its input too: an unknown role or policy is refused, never keyed.
+        violations.extend(message_violations(request.messages))
+        violations.extend(("policy", why) for _, why in cache_policy_violations(request.policy))
         if violations:
             raise invalid_argument(violations)
         if not is_cacheable(request.policy, request.params):

@@ -11,12 +11,16 @@ from shepherd.router.v1 import router_pb2
 
 from libs.catalog import Model
 from libs.errors import invalid_argument
-from libs.generation import message_violations, params_violations, priority_violations
+from libs.generation import (
+    cache_policy_violations,
+    message_violations,
+    params_violations,
+    priority_violations,
+)
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 200_000
 MAX_REQUEST_ID_CHARS = 128
-_CACHE_POLICIES = frozenset(common_pb2.CachePolicy.values())
 
 
 def resolved_params(request: router_pb2.ChatRequest, model: Model) -> common_pb2.GenerationParams:
@@ -37,13 +41,7 @@ def resolved_params(request: router_pb2.ChatRequest, model: Model) -> common_pb2
     params = request.params
     violations.extend(params_violations(params, model, resolved=False))
     violations.extend(priority_violations(request.priority))
-    if request.cache_policy not in _CACHE_POLICIES:
-        violations.append(
-            (
-                "cache_policy",
-                "must be CACHE_POLICY_AUTO, CACHE_POLICY_BYPASS or CACHE_POLICY_ALWAYS (or unset)",
-            )
-        )
+    violations.extend(cache_policy_violations(request.cache_policy))
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters"))
     if violations:

@@ -1,0 +1,70 @@
+"""CacheService checks its own input: a bad request is INVALID_ARGUMENT, never INTERNAL.
+
+The real servicer behind the real ServiceGate on a grpc.aio server, over a real Valkey.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis.asyncio as redis
+from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
+from shepherd.common.v1 import common_pb2
+
+from deploy.local.ports import free_port
+from libs.catalog import load_catalog
+from libs.config import DEFAULT_CATALOG
+from libs.gate import ServiceGate
+from services.cache.servicer import CacheServicer
+from services.cache.store import ResponseStore
+
+
+@pytest.fixture
+async def stub(client: redis.Redis) -> AsyncIterator[cache_pb2_grpc.CacheServiceStub]:
+    server = grpc.aio.server(interceptors=[ServiceGate()])
+    cache_pb2_grpc.add_CacheServiceServicer_to_server(
+        CacheServicer(load_catalog(DEFAULT_CATALOG), ResponseStore(client, default_ttl_s=60)),
+        server,
+    )
+    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield cache_pb2_grpc.CacheServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def lookup(
+    role: int = common_pb2.ROLE_USER, policy: int = common_pb2.CACHE_POLICY_AUTO
+) -> cache_pb2.LookupRequest:
+    return cache_pb2.LookupRequest(
+        model_family="shepherd-tiny",
+        tenant="acme",
+        messages=[common_pb2.ChatMessage(role=role, content="hello")],  # type: ignore[arg-type]
+        policy=policy,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_valid_lookup_is_a_miss_with_a_key(stub: cache_pb2_grpc.CacheServiceStub) -> None:
+    response = await stub.Lookup(lookup(), timeout=5)
+    assert response.cacheable and not response.hit and response.key
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (lookup(role=99), "messages[0].role"),
+        (lookup(policy=99), "policy"),
+    ],
+)
+async def test_unknown_roles_and_policies_are_invalid_argument(
+    stub: cache_pb2_grpc.CacheServiceStub, request_: cache_pb2.LookupRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Lookup(request_, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{field}: must be" in (refused.value.details() or "")
