@@ -61,6 +61,8 @@ async def usage_report(
 
 # The most records one RecordUsageBatch may carry: bounds the work and memory of one call.
 MAX_BATCH_RECORDS = 1_000
+# The most tokens one record may report, prompt or completion: far above any model's window.
+MAX_RECORD_TOKENS = 100_000_000
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -126,6 +128,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             violations.append(("tenant", TENANT_RULE))
         if request.usage.prompt_tokens < 0 or request.usage.completion_tokens < 0:
             violations.append(("usage", "token counts cannot be negative"))
+        elif max(request.usage.prompt_tokens, request.usage.completion_tokens) > MAX_RECORD_TOKENS:
+            # No request consumes this many; a count this large is a caller's bug, and the
+            # ledger's aggregates must never be fed a value that could overflow them.
+            violations.append(("usage", f"token counts must be at most {MAX_RECORD_TOKENS:,}"))
         if violations:
             raise invalid_argument(violations)
         model = self._catalog.resolve(request.model)

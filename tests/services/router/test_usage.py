@@ -24,7 +24,7 @@ from libs.errors import ShepherdError
 from libs.gate import ServiceGate
 from libs.peers import open_channel
 from services.billing.ledger import Ledger
-from services.billing.servicer import MAX_BATCH_RECORDS, BillingServicer
+from services.billing.servicer import MAX_BATCH_RECORDS, MAX_RECORD_TOKENS, BillingServicer
 from services.router.usage import UsageRecorder
 
 CREDENTIALS = Credentials(internal_tokens=("usage-test-token",))
@@ -167,3 +167,22 @@ async def test_an_oversized_batch_is_refused_with_the_limit(
         await stub.RecordUsageBatch(request, timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"at most {MAX_BATCH_RECORDS} records" in (caught.value.details() or "")
+
+
+async def test_an_absurd_token_count_is_refused_and_the_tenant_stays_readable(
+    billing: tuple[CountingBilling, billing_pb2_grpc.BillingServiceStub],
+) -> None:
+    # int64-max tokens once left a tenant's totals half-written, and GetTenantUsage INTERNAL.
+    _, stub = billing
+    recorder = UsageRecorder(stub)
+    huge = record("huge")
+    huge.usage.completion_tokens = 2**63 - 1
+    fine = await recorder.record(record("fine"), 5.0)
+
+    with pytest.raises(ShepherdError) as refused:
+        await recorder.record(huge, 5.0)
+
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_RECORD_TOKENS:,}" in refused.value.message
+    totals = await stub.GetTenantUsage(billing_pb2.GetTenantUsageRequest(tenant="acme"), timeout=5)
+    assert totals.requests == 1 and totals.cost == fine.cost
