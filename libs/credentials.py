@@ -80,15 +80,29 @@ def _one_of(presented: str, accepted: Sequence[str]) -> bool:
     return found
 
 
+class AmbiguousCredential(ValueError):
+    """A credential entry sent more than once, or not as text: which one counts is unclear."""
+
+
 def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str:
-    for name, value in metadata or ():
-        if name == key and isinstance(value, str):
-            return value
-    return ""
+    """The one `key` entry's text, or "" when there is none.
+
+    Two entries are refused rather than judged by whichever comes first or last: a proxy
+    that adds its own must not decide whose call this is.
+    """
+    values = [value for name, value in metadata or () if name == key]
+    if len(values) > 1:
+        raise AmbiguousCredential(f"send one '{key}' metadata entry, not {len(values)}")
+    if values and not isinstance(values[0], str):
+        raise AmbiguousCredential(f"the '{key}' metadata entry must be text")
+    return values[0] if values else ""
 
 
 def bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The key of an `authorization: Bearer <key>` entry, or "" when there is none."""
+    """The key of an `authorization: Bearer <key>` entry, or "" when there is none.
+
+    Raises AmbiguousCredential when there are several `authorization` entries.
+    """
     scheme, _, key = _metadata_value(metadata, "authorization").partition(" ")
     return key.strip() if scheme.lower() == "bearer" else ""
 
@@ -99,8 +113,11 @@ def check_access(
     metadata: Sequence[tuple[str, str | bytes]] | None,
 ) -> tuple[grpc.StatusCode, str] | None:
     """None when the metadata carries what `access` needs, else the status and why."""
-    token = _metadata_value(metadata, INTERNAL_TOKEN_HEADER)
-    admin = bearer(metadata)
+    try:
+        token = _metadata_value(metadata, INTERNAL_TOKEN_HEADER)
+        admin = bearer(metadata)
+    except AmbiguousCredential as error:
+        return grpc.StatusCode.UNAUTHENTICATED, str(error)
     token_ok = bool(token) and _one_of(token, credentials.internal_tokens)
     admin_ok = (
         bool(admin) and bool(credentials.admin_keys) and _one_of(admin, credentials.admin_keys)

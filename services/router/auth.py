@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from libs.apikeys import KeyStore, hash_key, issue_key_at
 from libs.config import redis_url
-from libs.credentials import bearer
+from libs.credentials import AmbiguousCredential, bearer
 from libs.errors import ShepherdError
 
 # A revoked key must stop working on every router replica within 5 s (issue 7).
@@ -39,7 +39,10 @@ class Authenticator:
         self._known: dict[str, tuple[str, float]] = {}
 
     async def tenant_for(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-        key = bearer(metadata)
+        try:
+            key = bearer(metadata)
+        except AmbiguousCredential as error:
+            raise ShepherdError(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
         if not key:
             raise ShepherdError(
                 grpc.StatusCode.UNAUTHENTICATED,

@@ -11,6 +11,7 @@ import redis.asyncio as redis
 
 from deploy.local.ports import free_port
 from libs.apikeys import KEY_PREFIX, KEYS_HASH, KeyStore
+from libs.credentials import INTERNAL_TOKEN_HEADER, Access, Credentials, check_access
 from libs.errors import ShepherdError
 from libs.server import open_redis
 from services.router.auth import Authenticator
@@ -153,3 +154,29 @@ async def test_a_revoked_key_is_refused_once_the_short_cache_lapses(client: redi
 def test_the_key_cache_can_never_outlast_five_seconds(client: redis.Redis) -> None:
     with pytest.raises(ValueError, match="5"):
         Authenticator(KeyStore(client), cache_ttl_s=6.0)
+
+
+async def test_two_authorization_entries_are_refused_whatever_their_order(
+    client: redis.Redis,
+) -> None:
+    keys = KeyStore(client)
+    key, _ = await keys.issue("acme")
+    other, _ = await keys.issue("globex")
+    authenticator = Authenticator(keys)
+    for metadata in (bearer(key) + bearer(other), bearer(other) + bearer(key)):
+        with pytest.raises(ShepherdError) as caught:
+            await authenticator.tenant_for(metadata)
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "send one 'authorization' metadata entry, not 2" in caught.value.message
+
+
+def test_an_internal_call_with_two_service_tokens_is_refused() -> None:
+    credentials = Credentials(internal_tokens=("token-a", "token-b"))
+    metadata = [(INTERNAL_TOKEN_HEADER, "token-a"), (INTERNAL_TOKEN_HEADER, "forged")]
+
+    refusal = check_access(credentials, Access.INTERNAL, metadata)
+
+    assert refusal is not None
+    assert refusal[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert f"send one '{INTERNAL_TOKEN_HEADER}' metadata entry, not 2" in refusal[1]
+    assert check_access(credentials, Access.INTERNAL, metadata[:1]) is None
