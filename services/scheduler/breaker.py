@@ -130,6 +130,15 @@ class CircuitBreaker:
             return opened
         return False
 
+    def end_cooldown(self, now: float | None = None) -> None:
+        """The backend shows it is back (a health check passed): probe it now, not later.
+
+        An OPEN breaker turns HALF_OPEN at once instead of waiting out a cool-down that may
+        have doubled to its maximum while the backend was down; the probe decides as ever.
+        """
+        if self.state is BreakerState.OPEN:
+            self.retry_at = min(self.retry_at, self._clock() if now is None else now)
+
     def release(self) -> None:
         """An allowed call ended without telling anything (cancelled, deadline): no verdict."""
         self.probing = False

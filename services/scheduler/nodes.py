@@ -460,11 +460,21 @@ class NodePool:
     async def poll(self, node: Node) -> None:
         """ServerReady, then ModelReady for every model the node should hold."""
         now = time.monotonic()
-        if node.gone or node.blocked_until(now) is not None:
+        if node.gone:
             return
+        timeout = self.health.probe_timeout_s
+        if node.blocked_until(now) is not None:
+            # Cooling down. A node that answers ready again (a restarted Triton) is probed
+            # now, not after a cool-down that doubles up to max_cooldown_s while it was down.
+            try:
+                back = await node.client.is_server_ready(client_timeout=timeout)
+            except InferenceServerException:
+                return
+            if not back:
+                return
+            node.breaker.end_cooldown(now)
         if node.state is NodeState.OPEN:
             node.usable(now)  # cool-down over: HALF_OPEN, this poll is the probe
-        timeout = self.health.probe_timeout_s
         try:
             if not await node.client.is_server_ready(client_timeout=timeout):
                 # With --strict-readiness a node is "not ready" while any model loads or

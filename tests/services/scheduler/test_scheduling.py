@@ -586,3 +586,46 @@ async def test_a_bad_row_is_refused_before_batching_and_never_fails_its_batch_ma
     assert "priority: must be" in (refused.details() or "")
     answers = outcomes[1:]
     assert all(isinstance(a, scheduler_pb2.InferResponse) and a.completion.text for a in answers)
+
+
+async def test_a_restarted_node_is_probed_as_soon_as_it_answers_ready(
+    tmp_path: Path, repository: Path, launch: Launch, channel_to: Callable[..., Any]
+) -> None:
+    # The breaker's cool-down is 30 s here, so waiting it out cannot pass this test: the
+    # health poll must see the restarted node ready and probe it at once (half-open).
+    node = start_node(tmp_path / "node", repository, load=["tiny_a"])
+    restarted: TritonNode | None = None
+    try:
+        scheduler = launch(
+            catalog([node.config.grpc_url], {"chat": {"model": "tiny_a"}}),
+            {
+                "SHEPHERD_SCHEDULER_BREAKER_COOLDOWN_S": "30",
+                "SHEPHERD_SCHEDULER_BREAKER_FAILURES": "1",
+                "SHEPHERD_SCHEDULER_HEALTH_INTERVAL_S": "0.2",
+            },
+        )
+        stub = channel_to(scheduler)
+        await stub.Infer(infer_request("chat", request_id="before"), timeout=30)
+
+        async def state() -> int:
+            response = await stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+            return next(n.state for n in response.nodes if n.address == node.config.grpc_url)
+
+        node.stop()
+        give_up = time.monotonic() + 20
+        while await state() != scheduler_pb2.NODE_STATE_OPEN:
+            assert time.monotonic() < give_up, "the dead node never opened its breaker"
+            await asyncio.sleep(0.1)
+
+        restarted = TritonNode(node.config).start()
+        restarted.wait_ready(timeout_s=60)
+        back_at = time.monotonic()
+        while await state() != scheduler_pb2.NODE_STATE_HEALTHY:
+            assert time.monotonic() - back_at < 10, "still waiting out the 30 s cool-down"
+            await asyncio.sleep(0.1)
+        answer = await stub.Infer(infer_request("chat", request_id="after"), timeout=30)
+        assert answer.completion.placement.node == node.config.grpc_url
+    finally:
+        node.stop()
+        if restarted is not None:
+            restarted.stop()
