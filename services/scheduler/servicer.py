@@ -136,7 +136,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             priority=request.priority,
             self_hosted_only=request.self_hosted_only,
             weight=self._catalog.tenant(request.tenant).weight,
-            deltas=not getattr(request, "final_only", False),
+            # Only a stream that asked for them gets deltas; unary Infer reads the outcome alone.
+            deltas=isinstance(request, scheduler_pb2.InferStreamRequest) and not request.final_only,
         )
         return model, item, timeout_s
 
