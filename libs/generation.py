@@ -59,13 +59,16 @@ def priority_violations(priority: int) -> list[Violation]:
     return [("priority", "must be PRIORITY_LOW, PRIORITY_NORMAL or PRIORITY_HIGH (or unset)")]
 
 
-def cache_policy_violations(policy: int) -> list[Violation]:
-    """An unknown cache policy is refused rather than read as some default."""
+def cache_policy_violations(policy: int, field: str = "cache_policy") -> list[Violation]:
+    """An unknown cache policy is refused rather than read as some default.
+
+    `field` names it as the caller's message does (the cache's LookupRequest says `policy`).
+    """
     if policy in CACHE_POLICIES:
         return []
     return [
         (
-            "cache_policy",
+            field,
             "must be CACHE_POLICY_AUTO, CACHE_POLICY_BYPASS or CACHE_POLICY_ALWAYS (or unset)",
         )
     ]

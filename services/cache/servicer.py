@@ -40,7 +40,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             violations.append(("tenant", _TENANT_RULE))
         # The cache owns its input too: an unknown role or policy is refused, never keyed.
         violations.extend(message_violations(request.messages))
-        violations.extend(("policy", why) for _, why in cache_policy_violations(request.policy))
+        violations.extend(cache_policy_violations(request.policy, "policy"))
         if violations:
             raise invalid_argument(violations)
         if not is_cacheable(request.policy, request.params):
