@@ -248,6 +248,20 @@ local id, fp, model = ARGV[2], ARGV[3], ARGV[4]
 local prompt, completion, cost = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local hit = tonumber(ARGV[9])
 local entry = KEYS[1]
+-- Validate everything before the first write: a script that fails half-way leaves what it
+-- wrote (Redis does not roll back), and partial aggregates would poison every later report.
+local function count(s, most)
+  return #s >= 1 and #s <= most and not string.find(s, '%D')
+end
+if not (count(ARGV[6], 12) and count(ARGV[7], 12) and count(ARGV[8], 19)
+    and (ARGV[9] == '0' or ARGV[9] == '1') and count(ARGV[10], 15)
+    and ARGV[11] ~= '' and ARGV[12] ~= '' and count(ARGV[13], 10)) then
+  return {'invalid', '0', '0', 'a count or amount is not a whole number in range'}
+end
+if above(sum(redis.call('HGET', P .. 'totals', 'cost_nano') or '0', cost),
+    '9223372036854775807') then
+  return {'invalid', '0', '0', "the tenant's running cost total would overflow"}
+end
 local existing = redis.call('HMGET', entry, 'fingerprint', 'cost_nano', 'capped')
 if existing[2] then
   if fp ~= '' and existing[1] and existing[1] ~= '' and existing[1] ~= fp then
@@ -309,6 +323,10 @@ class Admission:
     @property
     def accepted(self) -> bool:
         return self.outcome in ("admitted", "reused", "billed")
+
+
+class InvalidRecord(ValueError):
+    """The ledger script refused a record before writing anything (a caller's bug)."""
 
 
 @dataclass(frozen=True)
@@ -433,6 +451,14 @@ class Accounts:
             )
         return Admission(outcome)
 
+    async def hold(self, tenant: str, request_id: str, now: dt.datetime, seconds: float) -> bool:
+        """Push a live lease's expiry to `seconds` from now (never earlier); False if none."""
+        until = int(now.timestamp() * 1000 + seconds * 1000)
+        changed = await self._client.zadd(
+            tenant_prefix(tenant) + "leases", {request_id: until}, xx=True, gt=True, ch=True
+        )
+        return bool(changed)
+
     async def release(self, tenant: str, request_id: str) -> bool:
         """Give back a request's reservation when it failed before generating anything."""
         prefix = tenant_prefix(tenant)
@@ -457,7 +483,7 @@ class Accounts:
     ) -> Recorded:
         """Bill one request once: ledger entry, lease settled, aggregates, token windows."""
         prefix = tenant_prefix(tenant)
-        outcome, cost, capped = await self._record(
+        result = await self._record(
             keys=[prefix + "request:" + request_id],
             args=[
                 prefix,
@@ -475,7 +501,10 @@ class Accounts:
                 retention_s,
             ],
         )
+        outcome, cost, capped = result[:3]
         kind = outcome.decode()
+        if kind == "invalid":
+            raise InvalidRecord(f"the ledger refused the record: {result[3].decode()}")
         return Recorded(
             cost_nano=int(cost),
             duplicate=kind != "recorded",

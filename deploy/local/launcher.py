@@ -168,7 +168,13 @@ class LocalMesh:
             env["SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL"] = self.sim.base_url
         if self.config.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        # Each router replica keeps usage that billing cannot take yet in its own spool.
+        env["SHEPHERD_ROUTER_SPOOL_DIR"] = str(self.spool_dir(self.config.service_ports["router"]))
         return env
+
+    def spool_dir(self, router_port: int) -> Path:
+        """The usage spool of the router replica on `router_port` (kept across its restarts)."""
+        return self.config.run_dir / "spool" / f"router-{router_port}"
 
     def start(self, timeout_s: float = 180.0) -> LocalMesh:
         """Start everything and wait until it is healthy; on failure stop what was started."""
@@ -268,7 +274,12 @@ class LocalMesh:
         port = free_port()
         address = f"127.0.0.1:{port}"
         log_path = self.log_dir / f"router-{port}.log"
-        env = {**self.service_env(), **(extra_env or {}), "SHEPHERD_ROUTER_PORT": str(port)}
+        env = {
+            **self.service_env(),
+            "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(port)),
+            **(extra_env or {}),
+            "SHEPHERD_ROUTER_PORT": str(port),
+        }
         proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=log_path)
         replica = Replica(address=address, process=proc, log_path=log_path)
         self.replicas.append(replica)

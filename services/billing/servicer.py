@@ -9,7 +9,7 @@ from redis.exceptions import RedisError
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
 
-from libs.accounts import Aggregate, utc_now
+from libs.accounts import Aggregate, InvalidRecord, utc_now
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
@@ -154,6 +154,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         )
         try:
             recorded = await self._ledger.record(entry)
+        except InvalidRecord as error:
+            raise invalid_argument([("usage", str(error))]) from error
         except RedisError as error:
             raise ShepherdError(
                 grpc.StatusCode.UNAVAILABLE,

@@ -17,6 +17,7 @@ from services.router.config import RouterConfig
 from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
 from services.router.servicer import RouterServicer
+from services.router.spool import UsageSpool
 from services.router.usage import UsageRecorder
 
 
@@ -33,6 +34,9 @@ async def serve() -> None:
     authenticator = Authenticator(KeyStore(redis_client), config.key_cache_s)
     billing_stub = billing_pb2_grpc.BillingServiceStub(billing)
     usage = UsageRecorder(billing_stub)
+    spool = UsageSpool(config.spool_dir, billing_stub, max_records=config.spool_max_records)
+    spool.open()  # what a previous run left is replayed first
+    spool.start()
     pipeline = ChatPipeline(
         config,
         catalog,
@@ -41,8 +45,12 @@ async def serve() -> None:
         scheduler_pb2_grpc.SchedulerServiceStub(scheduler),
         cache_pb2_grpc.CacheServiceStub(cache),
         usage,
+        spool,
     )
     servicer = RouterServicer(config, catalog, authenticator, pipeline, billing_stub)
+
+    async def close_spool() -> None:
+        await spool.close(timeout_s=config.server.grace_s)
 
     async def close_channels() -> None:
         for channel in channels:
@@ -56,7 +64,8 @@ async def serve() -> None:
     await run_server(
         config.server,
         [binding],
-        cleanups=[usage.close, close_channels, redis_client.aclose],
+        # Usage in flight goes to billing (or the spool) before the channels close.
+        cleanups=[usage.close, close_spool, close_channels, redis_client.aclose],
     )
 
 

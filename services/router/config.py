@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.config import (
+    REPO_ROOT,
     ConfigError,
     ServerConfig,
     TelemetryConfig,
     catalog_path,
     env_bool,
     env_float,
+    env_int,
+    env_str,
     peer_address,
     redis_url,
 )
@@ -52,6 +55,12 @@ class RouterConfig:
     default_timeout_s: float
     key_cache_s: float
     quota: QuotaConfig
+    # Where usage that billing cannot take yet waits (services/router/spool.py): one directory
+    # per replica, kept across restarts; and how many records it may hold.
+    spool_dir: Path
+    spool_max_records: int
+    # How long a spooled request's reservation is kept while its usage waits for billing.
+    spool_hold_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -61,8 +70,14 @@ class RouterConfig:
                 f"SHEPHERD_ROUTER_KEY_CACHE_S={key_cache_s} must be at most {MAX_CACHE_TTL_S}:"
                 " a revoked key must stop working within 5 seconds"
             )
+        server = ServerConfig.from_env("router", env)
+        spool_dir = env_str(
+            "SHEPHERD_ROUTER_SPOOL_DIR",
+            str(REPO_ROOT / ".run" / "spool" / f"router-{server.port}"),
+            env,
+        )
         return cls(
-            server=ServerConfig.from_env("router", env),
+            server=server,
             telemetry=TelemetryConfig.from_env("router", env),
             credentials=Credentials.from_env(env),
             catalog=catalog_path(env),
@@ -90,4 +105,9 @@ class RouterConfig:
                     "SHEPHERD_ROUTER_BUDGET_WAIT_S", 10.0, minimum=0.0, env=env
                 ),
             ),
+            spool_dir=Path(spool_dir),
+            spool_max_records=env_int(
+                "SHEPHERD_ROUTER_SPOOL_MAX_RECORDS", 100_000, minimum=1, env=env
+            ),
+            spool_hold_s=env_float("SHEPHERD_ROUTER_SPOOL_HOLD_S", 3600.0, minimum=1.0, env=env),
         )

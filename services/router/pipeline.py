@@ -9,9 +9,10 @@ events, ChatStream forwards them, and an HTTP edge will be a third adapter over 
 
 Money on every path: what was generated is billed exactly once. A request that ends before
 any text gives its reservation back; a request cut off after some text (an error, or the
-caller going away) is billed for the tokens the scheduler reported with its last delta. An
-answer that could not be billed is neither returned in full nor cached, so a retry cannot
-become a free cache hit.
+caller going away) is billed for the tokens the scheduler reported with its last delta. When
+billing (or its Redis) is down, the record goes to the router's durable spool (spool.py)
+and the answer is returned priced as billing will price it; only when even the spool cannot
+take it is the answer withheld (UNAVAILABLE, retry with the same request id).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.quota import Quota, Ticket
+from services.router.spool import UsageSpool
 from services.router.usage import UsageRecorder
 from services.router.validation import resolved_params
 
@@ -45,6 +47,17 @@ _log = logging.getLogger(__name__)
 # Billing is idempotent on (tenant, request id), so a brief outage is retried, within the
 # billing timeout, before the caller is told to retry with the same id.
 _BILLING_RETRY = RetryPolicy(attempts=3, base_s=0.05, max_s=0.5)
+# What billing (or its Redis) being down or overloaded looks like: usage waits in the spool.
+_BILLING_OUTAGE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 _CACHEABLE_ENDINGS = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
 FINISH_TEXT = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -114,6 +127,7 @@ class ChatPipeline:
         scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
         cache: cache_pb2_grpc.CacheServiceStub,
         usage: UsageRecorder,
+        spool: UsageSpool,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -122,6 +136,7 @@ class ChatPipeline:
         self._scheduler = scheduler
         self._cache = cache
         self._usage = usage
+        self._spool = spool
 
     def _remaining(self, deadline: float, cap_s: float) -> float:
         return max(0.0, min(cap_s, deadline - time.monotonic()))
@@ -380,10 +395,51 @@ class ChatPipeline:
                     if error.code == grpc.StatusCode.UNAVAILABLE
                     else None
                 )
-                if delay is None:
+                if delay is not None:
+                    await asyncio.sleep(delay)
+                elif error.code in _BILLING_OUTAGE:
+                    return await self._defer(chat, record, used, cache_hit, error)
+                else:  # e.g. a misconfigured service token: no spool would ever get through
                     raise ShepherdError(
                         grpc.StatusCode.UNAVAILABLE,
                         f"the answer was computed but could not be billed ({error.message});"
                         f" retry with request_id {chat.request_id!r}: it is billed at most once",
                     ) from error
-                await asyncio.sleep(delay)
+
+    async def _defer(
+        self,
+        chat: _Request,
+        record: billing_pb2.RecordUsageRequest,
+        used: common_pb2.Usage,
+        cache_hit: bool,
+        error: ShepherdError,
+    ) -> common_pb2.Money:
+        """Billing is unreachable: spool the record durably and price it as billing will.
+
+        The cost is the catalog's price for the usage (nothing for a cache hit), capped at the
+        request's reservation exactly as billing caps it, so the answer states what the ledger
+        will hold once the spool is replayed. Only when the spool cannot take the record is
+        the answer withheld, with a status that tells the caller to retry with the same id.
+        """
+        try:
+            await self._spool.put(record)
+        except ShepherdError as full:
+            raise ShepherdError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the answer was computed but could not be billed ({error.message};"
+                f" {full.message}); retry with request_id {chat.request_id!r}:"
+                " it is billed at most once",
+            ) from error
+        _log.warning(
+            "billing unreachable; usage spooled for replay",
+            extra={"request_id": chat.request_id, "tenant": chat.tenant, "error": error.message},
+        )
+        # The reservation stays until the record is billed (billing settles it then), so a
+        # budget cannot be overspent by answers whose usage is still on its way.
+        await self._quota.hold(chat.ticket, self._config.spool_hold_s)
+        if cache_hit:
+            return common_pb2.Money()
+        cost = chat.model.price.cost_nano(used.prompt_tokens, used.completion_tokens)
+        if chat.ticket.leased:
+            cost = min(cost, chat.ticket.reserved_nano)
+        return common_pb2.Money(nano_usd=cost)

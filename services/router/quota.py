@@ -62,6 +62,9 @@ class Ticket:
     tenant: str
     request_id: str
     leased: bool
+    # The worst-case cost reserved for it (nano-USD): billing never charges a leased request
+    # more, and the router prices usage the same way when billing has to wait (spool.py).
+    reserved_nano: int = 0
 
 
 def _subject(tenant: str, model: Model, scope: str) -> str:
@@ -184,7 +187,10 @@ class Quota:
                     f" unreachable ({error}); retry shortly",
                 ) from error
             if admission.accepted:
-                return Ticket(tenant, request_id, leased=admission.outcome == "admitted")
+                leased = admission.outcome == "admitted"
+                return Ticket(
+                    tenant, request_id, leased=leased, reserved_nano=worst if leased else 0
+                )
             may_fit = (
                 admission.outcome == "budget"
                 and admission.reserved > 0
@@ -194,6 +200,18 @@ class Quota:
                 raise refusal(admission, tenant, request_id, model, worst, now)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _MAX_WAIT_S)
+
+    async def hold(self, ticket: Ticket, seconds: float) -> None:
+        """Keep a reservation for `seconds` more: its usage is spooled, not yet billed."""
+        if not ticket.leased:
+            return
+        try:
+            await self._accounts.hold(ticket.tenant, ticket.request_id, utc_now(), seconds)
+        except RedisError as error:
+            # Redis is down too: the lease keeps its original expiry (deadline + grace).
+            _log.warning(
+                "could not extend a spooled request's reservation", extra={"error": str(error)}
+            )
 
     async def release(self, ticket: Ticket) -> None:
         """Give back the reservation of a request that failed before generating anything."""

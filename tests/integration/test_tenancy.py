@@ -29,6 +29,7 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from deploy.local.launcher import LocalMesh, Replica
 from deploy.local.ports import free_port
+from deploy.local.processes import stop
 from libs.credentials import INTERNAL_TOKEN_HEADER
 from libs.errors import unpack_details
 from services.router.quota import prompt_token_bound
@@ -227,7 +228,7 @@ def test_a_self_hosted_only_request_is_never_answered_from_a_hosted_answer(
     assert not local.cache_hit and local.placement.kind == common_pb2.BACKEND_KIND_TRITON
 
 
-def test_an_answer_that_could_not_be_billed_is_not_cached_and_its_retry_bills_once(
+def test_an_answer_computed_while_billing_is_down_is_delivered_and_billed_once_later(
     mesh: LocalMesh,
     router: router_pb2_grpc.RouterServiceStub,
     billing: billing_pb2_grpc.BillingServiceStub,
@@ -236,34 +237,45 @@ def test_an_answer_that_could_not_be_billed_is_not_cached_and_its_retry_bills_on
 ) -> None:
     tenant = unique("unbilled")
     key = new_tenant(admin, admin_md, tenant)
+    spool = mesh.config.run_dir / "spool" / unique("cut-off")
     # A router replica whose billing service cannot be reached (nothing listens there).
     broken = mesh.add_router(
         {
             "SHEPHERD_BILLING_ADDR": f"127.0.0.1:{free_port()}",
             "SHEPHERD_ROUTER_BILLING_TIMEOUT_S": "0.5",
+            "SHEPHERD_ROUTER_SPOOL_DIR": str(spool),
         }
     )
     request = chat_request("tiny", f"bill me later {uuid.uuid4().hex}")
-    request.request_id = unique("retry-me")
+    request.request_id = unique("spooled")
     with grpc.insecure_channel(broken.address) as channel:
-        error = rpc_error(
-            lambda: router_pb2_grpc.RouterServiceStub(channel).Chat(
-                request, metadata=auth(key), timeout=TIMEOUT_S
-            )
+        answer = router_pb2_grpc.RouterServiceStub(channel).Chat(
+            request, metadata=auth(key), timeout=TIMEOUT_S
         )
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "could not be billed" in error.details() and request.request_id in error.details()
+    # The caller has the answer and its price; the ledger does not have it yet, and the
+    # request's reservation is still held, so the budget cannot be spent twice meanwhile.
+    assert answer.text and answer.cost.nano_usd > 0
+    assert ledger_cost(billing, admin_md, tenant) == 0
+    assert standing(admin, admin_md, tenant).open_reservations == 1
 
-    retried = router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
-    assert not retried.cache_hit  # the unbilled answer was not stored
-    assert retried.cost.nano_usd > 0
-    again = router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
-    assert again.cost == retried.cost and again.request_id == retried.request_id
-    assert ledger_cost(billing, admin_md, tenant) == retried.cost.nano_usd
-    # The failed attempt's reservation was reused by the retry and settled with it.
+    # That replica stops (billing never came back for it); a new one on the same spool
+    # bills what it left, once, at the price the caller was told.
+    stop(broken.process)
+    mesh.add_router({"SHEPHERD_ROUTER_SPOOL_DIR": str(spool)})
+    give_up = time.monotonic() + 30
+    while ledger_cost(billing, admin_md, tenant) == 0:
+        assert time.monotonic() < give_up, "the spooled usage never reached the ledger"
+        time.sleep(0.1)
+    assert ledger_cost(billing, admin_md, tenant) == answer.cost.nano_usd
+    assert tenant_totals(billing, admin_md, tenant).requests == 1
     now = standing(admin, admin_md, tenant)
     assert now.open_reservations == 0
     assert all(b.reserved.nano_usd == 0 for b in now.budgets)
+
+    # A retry of the same request is answered at the same price and not billed again.
+    again = router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
+    assert again.cost == answer.cost and again.request_id == answer.request_id
+    assert ledger_cost(billing, admin_md, tenant) == answer.cost.nano_usd
 
 
 # -- internal authentication -----------------------------------------------------------------

@@ -10,7 +10,7 @@ import redis.asyncio as redis
 
 from deploy.local.ports import free_port
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
-from libs.accounts import Accounts
+from libs.accounts import Accounts, InvalidRecord
 from libs.accounts import Aggregate as Totals
 from libs.errors import ShepherdError
 from libs.server import open_redis
@@ -107,6 +107,24 @@ async def test_large_amounts_stay_exact(client: redis.Redis) -> None:
 
     totals = await ledger.tenant_totals("acme")
     assert totals.overall.cost_nano == big + 1
+
+
+async def test_a_record_that_would_overflow_is_refused_before_anything_is_written(
+    client: redis.Redis,
+) -> None:
+    ledger = ledger_of(client)
+    await ledger.record(entry("near-max", cost=9_000_000_000_000_000_000))
+    before = await ledger.tenant_totals("acme")
+
+    with pytest.raises(InvalidRecord, match="would overflow"):
+        await ledger.record(entry("too-much", cost=900_000_000_000_000_000))
+    with pytest.raises(InvalidRecord, match="not a whole number"):
+        await ledger.record(entry("negative", prompt=-1))
+
+    # Nothing of either refused record reached the ledger, and reports still work.
+    assert await ledger.tenant_totals("acme") == before
+    assert not await client.exists("shepherd:t:{acme}:request:too-much")
+    assert await billed(ledger, entry("next", cost=1)) == (1, False)
 
 
 async def test_model_names_with_colons_keep_their_totals(client: redis.Redis) -> None:

@@ -13,68 +13,29 @@ import grpc
 import pytest
 import redis.asyncio as redis
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
-from shepherd.common.v1 import common_pb2
 
 from deploy.local.ports import free_port
-from libs.accounts import Accounts
-from libs.catalog import load_catalog
-from libs.config import DEFAULT_CATALOG
-from libs.credentials import AccessPolicy, Credentials
 from libs.errors import ShepherdError
-from libs.gate import ServiceGate
 from libs.peers import open_channel
-from services.billing.ledger import Ledger
-from services.billing.servicer import MAX_BATCH_RECORDS, MAX_RECORD_TOKENS, BillingServicer
+from services.billing.servicer import MAX_BATCH_RECORDS, MAX_RECORD_TOKENS
 from services.router.usage import UsageRecorder
-
-CREDENTIALS = Credentials(internal_tokens=("usage-test-token",))
-MODEL = "deepseek-v3.2"
-
-
-class CountingBilling(BillingServicer):
-    """The real servicer; it also remembers the size of each batch it was sent."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
-        self.batches: list[int] = []
-
-    async def RecordUsageBatch(
-        self, request: billing_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
-    ) -> billing_pb2.RecordUsageBatchResponse:
-        self.batches.append(len(request.records))
-        return await super().RecordUsageBatch(request, context)
+from tests.support.billing import CREDENTIALS, BillingServer, CountingBilling, usage_record
 
 
 @pytest.fixture
 async def billing(
     client: redis.Redis,
 ) -> AsyncIterator[tuple[CountingBilling, billing_pb2_grpc.BillingServiceStub]]:
-    servicer = CountingBilling(
-        load_catalog(DEFAULT_CATALOG), Ledger(Accounts(client), retention_s=86_400)
-    )
-    server = grpc.aio.server(interceptors=[ServiceGate(AccessPolicy(CREDENTIALS))])
-    billing_pb2_grpc.add_BillingServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    await server.start()
-    channel = open_channel(f"127.0.0.1:{port}", CREDENTIALS)
+    server = await BillingServer(client).start()
+    channel = open_channel(server.address, CREDENTIALS)
     try:
-        yield servicer, billing_pb2_grpc.BillingServiceStub(channel)
+        yield server.servicer, billing_pb2_grpc.BillingServiceStub(channel)
     finally:
         await channel.close()
-        await server.stop(None)
+        await server.stop()
 
 
-def record(
-    request_id: str, *, tenant: str = "acme", fingerprint: str = "f" * 64
-) -> billing_pb2.RecordUsageRequest:
-    return billing_pb2.RecordUsageRequest(
-        request_id=request_id,
-        tenant=tenant,
-        model=MODEL,
-        deployment=f"holysheep/{MODEL}",
-        usage=common_pb2.Usage(prompt_tokens=100, completion_tokens=20, total_tokens=120),
-        fingerprint=fingerprint,
-    )
+record = usage_record
 
 
 async def test_a_lone_record_goes_at_once_and_is_billed_once(

@@ -1,0 +1,74 @@
+"""A real BillingService on a grpc.aio server over a real Valkey, that tests can stop and start.
+
+The servicer, the ledger and the ServiceGate are the production code; only the process
+boundary is missing, so a test can take billing down and bring it back on the same port.
+"""
+
+from __future__ import annotations
+
+import grpc
+import redis.asyncio as redis
+from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
+from shepherd.common.v1 import common_pb2
+
+from deploy.local.ports import free_port
+from libs.accounts import Accounts
+from libs.catalog import load_catalog
+from libs.config import DEFAULT_CATALOG
+from libs.credentials import AccessPolicy, Credentials
+from libs.gate import ServiceGate
+from services.billing.ledger import Ledger
+from services.billing.servicer import BillingServicer
+
+CREDENTIALS = Credentials(internal_tokens=("billing-test-token",))
+MODEL = "deepseek-v3.2"
+
+
+class CountingBilling(BillingServicer):
+    """The real servicer; it also remembers the size of each batch it was sent."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(load_catalog(DEFAULT_CATALOG), Ledger(Accounts(client), 86_400))
+        self.batches: list[int] = []
+
+    async def RecordUsageBatch(
+        self, request: billing_pb2.RecordUsageBatchRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.RecordUsageBatchResponse:
+        self.batches.append(len(request.records))
+        return await super().RecordUsageBatch(request, context)
+
+
+class BillingServer:
+    """Billing on one loopback port for the whole test, however often it is stopped."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.servicer = CountingBilling(client)
+        self.address = f"127.0.0.1:{free_port()}"
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> BillingServer:
+        server = grpc.aio.server(interceptors=[ServiceGate(AccessPolicy(CREDENTIALS))])
+        billing_pb2_grpc.add_BillingServiceServicer_to_server(self.servicer, server)
+        server.add_insecure_port(self.address)
+        await server.start()
+        self._server = server
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(None)
+            self._server = None
+
+
+def usage_record(
+    request_id: str, *, tenant: str = "acme", fingerprint: str = "f" * 64
+) -> billing_pb2.RecordUsageRequest:
+    """A record of 100 prompt and 20 completion tokens of MODEL."""
+    return billing_pb2.RecordUsageRequest(
+        request_id=request_id,
+        tenant=tenant,
+        model=MODEL,
+        deployment=f"holysheep/{MODEL}",
+        usage=common_pb2.Usage(prompt_tokens=100, completion_tokens=20, total_tokens=120),
+        fingerprint=fingerprint,
+    )
