@@ -77,6 +77,7 @@ bench-grpc-floor: gen
 lint: gen
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/buf format --exit-code > /dev/null
 	# Contracts change additively: nothing on main that callers build on may break.

@@ -142,11 +142,11 @@ async def measure(
                         sample = await run_round(step_for(client, mode), n, concurrency)
                         if round_:
                             samples.setdefault((transport, mode), []).append(sample)
-            for (transport, mode), found in samples.items():
+            for (name, mode), found in samples.items():
                 cpu, wall, errors = sorted(found)[len(found) // 2]
                 rows.append(
                     Row(
-                        transport,
+                        name,
                         mode,
                         concurrency,
                         calls,
@@ -175,7 +175,7 @@ def report(rows: list[Row]) -> tuple[str, dict[str, str]]:
         )
     cheapest: dict[str, str] = {}
     for mode in MODES:
-        totals = {t: 0.0 for t in TRANSPORTS}
+        totals: dict[str, float] = {t: 0.0 for t in TRANSPORTS}
         for concurrency in sorted({r.concurrency for r in rows}):
             cpu = {
                 r.transport: r.cpu_ms_per_call

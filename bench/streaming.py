@@ -973,7 +973,7 @@ def judge(rows: Sequence[Row], delays: dict[str, int]) -> dict[str, Any]:
             mesh = find(rows, f"hosted/mesh ChatStream/{model}/d{d}/c{c}")
             if base is None or mesh is None:
                 continue
-            entry = {
+            entry: dict[str, Any] = {
                 "concurrency": c,
                 "model": model,
                 "delay_ms": d,

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
+from libs.server import text
+
 WINDOW_MS = 60_000
 # Fields of the limits hash, per scope: the tenant ("") or one model ("model:<m>:").
 LIMIT_FIELDS = ("day", "month", "rpm", "tpm")
@@ -371,12 +373,12 @@ class Aggregate:
     reserved_nano: int = 0
 
 
-def _aggregates(raw: Mapping[bytes, bytes]) -> tuple[Aggregate, dict[str, Aggregate]]:
+def _aggregates(raw: Mapping[bytes | str, bytes | str]) -> tuple[Aggregate, dict[str, Aggregate]]:
     """Split an aggregate hash into the overall figures and the per-model ones."""
     overall: dict[str, int] = {}
     models: dict[str, dict[str, int]] = {}
     for key, value in raw.items():
-        name = key.decode()
+        name = text(key)
         if name.startswith("model:"):
             model, _, figure = name[len("model:") :].rpartition(":")
             models.setdefault(model, {})[figure] = int(value)
@@ -524,7 +526,7 @@ class Accounts:
         overall: dict[str, int] = {}
         models: dict[str, dict[str, int]] = {}
         for key, value in raw.items():
-            name = key.decode()
+            name = text(key)
             if name.startswith("model:"):
                 model, _, limit = name[len("model:") :].rpartition(":")
                 models.setdefault(model, {})[limit] = int(value)

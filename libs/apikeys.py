@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 
-from libs.server import open_redis
+from libs.server import open_redis, text
 
 KEYS_HASH = "shepherd:auth:api_keys"
 KEY_RECORD = "shepherd:auth:key:"
@@ -59,7 +59,7 @@ class KeyStore:
     async def tenant_of(self, key: str) -> str | None:
         """The tenant a presented key belongs to, or None for an unknown or revoked key."""
         tenant = await self._client.hget(KEYS_HASH, hash_key(key))
-        return None if tenant is None else tenant.decode()
+        return None if tenant is None else text(tenant)
 
     async def issue(self, tenant: str) -> tuple[str, KeyInfo]:
         """Create a key for `tenant`; return it (shown only now) and its public record."""
@@ -93,7 +93,7 @@ class KeyStore:
 
     async def list(self, tenant: str = "") -> list[KeyInfo]:
         """Every key's public record, newest first; only `tenant`'s when given."""
-        ids = [i.decode() for i in await self._client.zrevrange(KEY_IDS, 0, -1)]
+        ids: list[str] = [text(i) for i in await self._client.zrevrange(KEY_IDS, 0, -1)]  # type: ignore[arg-type]
         async with self._client.pipeline(transaction=False) as pipe:
             for key_id in ids:
                 pipe.hgetall(KEY_RECORD + key_id)
@@ -116,8 +116,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> KeyInfo | None:
         """Revoke a key by id; None when no such key exists."""
         record = {
-            k.decode(): v.decode()
-            for k, v in (await self._client.hgetall(KEY_RECORD + key_id)).items()
+            text(k): text(v) for k, v in (await self._client.hgetall(KEY_RECORD + key_id)).items()
         }
         if not record:
             return None

@@ -93,9 +93,11 @@ def _metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str
     values = [value for name, value in metadata or () if name == key]
     if len(values) > 1:
         raise AmbiguousCredential(f"send one '{key}' metadata entry, not {len(values)}")
-    if values and not isinstance(values[0], str):
+    if not values:
+        return ""
+    if not isinstance(values[0], str):
         raise AmbiguousCredential(f"the '{key}' metadata entry must be text")
-    return values[0] if values else ""
+    return values[0]
 
 
 def bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:

@@ -55,7 +55,7 @@ class ServiceGate(grpc.aio.ServerInterceptor):
             if access is not None:
                 refusal = self._policy.refusal(
                     access,
-                    handler_call_details.invocation_metadata,  # type: ignore[arg-type]
+                    handler_call_details.invocation_metadata,
                 )
                 if refusal is not None:
                     return refusal_handler(handler, *refusal)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,11 @@ def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.
     return redis.Redis.from_pool(pool)
 
 
+def text(reply: bytes | str) -> str:
+    """A Redis reply as text: our clients return bytes, redis-py's types allow either."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 async def run_server(
     config: ServerConfig,
     bindings: Sequence[Binding],
@@ -148,7 +153,7 @@ class ListenError(OSError):
     """The service's port cannot be bound: a start-up error with one clear line."""
 
 
-def main(serve: Callable[[], Awaitable[None]]) -> None:
+def main(serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a service's `serve()`; a configuration error ends it with one clear line, exit 2.
 
     The loop is uvloop's: grpc.aio and redis-py run on it unchanged, and measured on this

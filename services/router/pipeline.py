@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 from shepherd.billing.v1 import billing_pb2
@@ -68,7 +69,7 @@ FINISH_TEXT = {
 }
 FINISH_ENUM = {text: reason for reason, text in FINISH_TEXT.items()}
 Metadata = Sequence[tuple[str, str | bytes]]
-ChatLike = router_pb2.ChatRequest | router_pb2.ChatStreamRequest
+ChatLike: TypeAlias = router_pb2.ChatRequest | router_pb2.ChatStreamRequest
 
 
 def _before(remaining_s: float) -> float:
@@ -160,7 +161,7 @@ class ChatPipeline:
                 grpc.StatusCode.INVALID_ARGUMENT, "model is required (call ListModels to see them)"
             )
         model = self._catalog.resolve(request.model)
-        params = resolved_params(request, model)  # type: ignore[arg-type]
+        params = resolved_params(request, model)
         request_id = request.request_id or uuid.uuid4().hex
         timeout_s = self._config.default_timeout_s if time_remaining_s is None else time_remaining_s
         fingerprint = request_fingerprint(model.name, request.messages, params)

@@ -26,7 +26,7 @@ def _final(ending: Ending) -> router_pb2.ChatFinal:
     return router_pb2.ChatFinal(
         request_id=ending.request_id,
         model=ending.model,
-        finish_reason=ending.finish_reason,  # type: ignore[arg-type]
+        finish_reason=ending.finish_reason,
         usage=ending.usage,
         cost=ending.cost,
         placement=ending.placement,

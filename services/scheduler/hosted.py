@@ -733,7 +733,7 @@ class HostedBackend:
     ) -> AsyncGenerator[tuple[int, Event], None]:
         client = self._clients[deployment.provider]
         queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
-        tasks: list[tuple[PendingRequest, asyncio.Task[None], Callable[[Any], None]]] = []
+        tasks: list[tuple[PendingRequest, asyncio.Task[None], Callable[..., None]]] = []
         for row, item in enumerate(batch):
             if item.events.done:
                 continue

@@ -40,6 +40,7 @@ callback on their future) and are skipped when a batch is taken, so their place 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import math
@@ -254,7 +255,7 @@ class ModelQueue:
         self._class_arrivals[rank].append(item)
         self._live[rank] += 1
         self.count("admitted")
-        item.future.add_done_callback(lambda _f, item=item: self._answered(item))
+        item.future.add_done_callback(functools.partial(self._on_done, item))
 
     def _activate(self, name: str) -> _Tenant:
         """The queued state of a tenant; one returning from idle is lifted to the lowest counter.
@@ -301,6 +302,9 @@ class ModelQueue:
                 self.count("cancelled")
         if self._tombstones() > 64 + self.depth:
             self._compact()
+
+    def _on_done(self, item: PendingRequest, _future: object) -> None:
+        self._answered(item)
 
     def _answered(self, item: PendingRequest) -> None:
         """The request's future is done: it leaves the count; a completion corrects its charge."""

@@ -60,7 +60,7 @@ def _final(
 ) -> scheduler_pb2.InferStreamResponse:
     return scheduler_pb2.InferStreamResponse(
         final=common_pb2.CompletionFinal(
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             usage=used,
             placement=placement,
             usage_estimated=estimated,

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -251,7 +251,7 @@ class TritonBackend:
 
     async def _stream(
         self, lease: Lease, batch: Sequence[PendingRequest], timeout_s: float
-    ) -> AsyncIterator[tuple[int, Event]]:
+    ) -> AsyncGenerator[tuple[int, Event], None]:
         """One ModelStreamInfer call with all rows; each response becomes per-row events."""
         deployment = lease.deployment
         address = lease.address
@@ -360,7 +360,7 @@ async def _next_step(
     read.add_done_callback(lambda done: done.cancelled() or done.exception())
     try:
         while True:
-            pending: list[Awaitable[Any]] = [outcome for outcome in outcomes if not outcome.done()]
+            pending: list[asyncio.Future[Any]] = [o for o in outcomes if not o.done()]
             if not pending:
                 return None
             done, _ = await asyncio.wait([read, *pending], return_when=asyncio.FIRST_COMPLETED)
@@ -382,9 +382,11 @@ async def _next_step(
                 grpc.StatusCode.INTERNAL, f"{prefix}: the stream ended before every row finished"
             )
         )
-    result, error = item
-    if error is not None:
-        raise _StreamFailed(ShepherdError(grpc.StatusCode.INTERNAL, f"{prefix}: {error.message()}"))
+    result, failure = item
+    if failure is not None:
+        raise _StreamFailed(
+            ShepherdError(grpc.StatusCode.INTERNAL, f"{prefix}: {failure.message()}")
+        )
     columns = [result.as_numpy(name) for name in _OUTPUTS]
     if any(column is None or column.size != rows for column in columns):
         raise _StreamFailed(
