@@ -14,6 +14,7 @@ key, and stops everything in reverse order on Ctrl-C or SIGTERM. Nothing listens
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import secrets
@@ -286,6 +287,64 @@ class LocalMesh:
         wait_serving("router replica", proc, address, log_path, time.monotonic() + 60.0)
         return replica
 
+    # -- faults, for the chaos suite (tests/chaos) ----------------------------------------
+
+    def kill(self, component: str) -> float:
+        """SIGKILL one component, as a crash would; returns when it is gone (monotonic time).
+
+        `component` is "valkey", "triton", a service name, or a replica's address.
+        """
+        if component == "valkey":
+            assert self.valkey is not None and self.valkey.pid is not None
+            _kill_group(self.valkey.pid)
+        elif component == "triton":
+            assert self.triton is not None and self.triton.pgid is not None
+            _kill_group(self.triton.pgid)
+        elif component in self.services:
+            _kill_group(self.services[component].pid)
+        else:
+            _kill_group(self._replica(component).process.pid)
+        return time.monotonic()
+
+    def revive(self, component: str, timeout_s: float = 60.0) -> float:
+        """Start a killed component again on its old port; returns once it serves (monotonic).
+
+        Services come back with the same environment (a router with the same usage spool);
+        Valkey with its append-only file; Triton with the models it preloads.
+        """
+        deadline = time.monotonic() + timeout_s
+        if component == "valkey":
+            assert self.valkey is not None
+            self.valkey.start(timeout_s=timeout_s)
+        elif component == "triton":
+            assert self.triton is not None
+            self.triton.start()
+            self.triton.wait_ready(timeout_s=timeout_s)
+        elif component in self.services:
+            self.services[component] = spawn(
+                [sys.executable, "-m", f"services.{component}"],
+                env=self.service_env(),
+                log_path=self.log_dir / f"{component}.log",
+            )
+            self._wait_serving(component, deadline)
+        else:
+            old = self._replica(component)
+            env = {
+                **self.service_env(),
+                "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(int(old.address.rsplit(":")[1]))),
+                "SHEPHERD_ROUTER_PORT": old.address.rsplit(":")[1],
+            }
+            proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=old.log_path)
+            self.replicas[self.replicas.index(old)] = Replica(old.address, proc, old.log_path)
+            wait_serving("router replica", proc, old.address, old.log_path, deadline)
+        return time.monotonic()
+
+    def _replica(self, address: str) -> Replica:
+        for replica in self.replicas:
+            if replica.address == address:
+                return replica
+        raise KeyError(f"no component or router replica {address!r} in this mesh")
+
     def stop(self) -> None:
         """Stop everything, routers first, so no request is accepted that cannot finish."""
         while self.replicas:
@@ -312,6 +371,14 @@ class LocalMesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL a process group (every child runs in its own session) and reap its leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, 0)
 
 
 def banner(mesh: LocalMesh) -> str:
