@@ -39,6 +39,12 @@ class Attempt:
     started: float
     ended: float
     code: grpc.StatusCode
+    detail: str = ""
+
+    @property
+    def thrown_away(self) -> bool:
+        """The router computed this answer and then withheld it, because it could not bill it."""
+        return "computed but could not be billed" in self.detail
 
 
 @dataclass
@@ -125,7 +131,9 @@ class Load:
                 else:
                     cost, answered_id = await self._chat(stub, outcome, prompt)
             except grpc.aio.AioRpcError as error:
-                outcome.attempts.append(Attempt(started, time.monotonic(), error.code()))
+                outcome.attempts.append(
+                    Attempt(started, time.monotonic(), error.code(), error.details() or "")
+                )
                 if error.code() not in RETRYABLE or time.monotonic() + delay > give_up:
                     return
                 await asyncio.sleep(delay)

@@ -19,6 +19,7 @@ class FaultRow:
     failed_attempts: dict[str, int]  # attempts that failed (most were retried), by status
     answered_twice: int
     billed_twice: int
+    thrown_away: int  # answers computed, then withheld because they could not be billed
     lost_answers: int  # billed but never delivered
     ledger_nano: int
     answered_nano: int
@@ -37,16 +38,17 @@ class ChaosReport:
     def markdown(self) -> str:
         lines = [
             "| fault | requests | answered | failed (final) | failed attempts (retried) |"
-            " answered twice | billed twice | computed answers lost | Σ ledger = Σ answered |"
-            " down | first success after return |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            " answered twice | billed twice | computed answers thrown away |"
+            " billed, not delivered | Σ ledger = Σ answered | down | first success after return |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
+            exact = "yes" if r.ledger_nano == r.answered_nano else "NO"
             recovery = "–" if r.recovery_s is None else f"{r.recovery_s * 1000:.0f} ms"
             lines.append(
                 f"| {r.fault} | {r.requests} | {r.answered} | {_counts(r.failed)} |"
                 f" {_counts(r.failed_attempts)} | {r.answered_twice} | {r.billed_twice} |"
-                f" {r.lost_answers} | {'yes' if r.ledger_nano == r.answered_nano else 'NO'}"
+                f" {r.thrown_away} | {r.lost_answers} | {exact}"
                 f" ({r.ledger_nano:,} nano-USD) | {r.down_s:.1f} s | {recovery} |"
             )
         return "\n".join(lines)

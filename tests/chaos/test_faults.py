@@ -9,7 +9,8 @@ ledger read back through billing and Valkey:
 
 - every request was answered (none failed for good), each exactly once, under its own id;
 - no request was billed twice (the running aggregates count each ledger entry once);
-- no computed answer was lost (every billed request was delivered to its caller);
+- no computed answer was thrown away (withheld because it could not be billed), and every
+  billed request was delivered to its caller;
 - Σ ledger = Σ the costs the answers stated, to the nano-dollar.
 
 The time from the component's return to the first success of a request started after it is
@@ -113,6 +114,7 @@ async def test_a_killed_component_loses_no_answer_and_bills_nothing_twice(
         answered_twice=sum(o.answers - 1 for o in answered)
         + sum(o.answered_id != o.request_id for o in answered),
         billed_twice=usage.requests - len(ids),
+        thrown_away=sum(a.thrown_away for o in outcomes for a in o.attempts),
         lost_answers=len(ids - {o.request_id for o in answered}),
         ledger_nano=usage.cost.nano_usd,
         answered_nano=sum(o.cost_nano for o in answered),
@@ -126,6 +128,7 @@ async def test_a_killed_component_loses_no_answer_and_bills_nothing_twice(
     assert unanswered == [], f"requests that failed for good: {unanswered[:10]}"
     assert row.answered_twice == 0
     assert row.billed_twice == 0
+    assert row.thrown_away == 0, "answers were computed and then thrown away, unbilled"
     assert row.lost_answers == 0, (
         f"billed, never delivered: {sorted(ids - {o.request_id for o in answered})[:10]}"
     )
