@@ -21,6 +21,25 @@ from libs.telemetry import current_trace_id
 
 _log = logging.getLogger(__name__)
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# What one status may carry. A gRPC client refuses a status whose trailers pass 8 KiB (grpcio's
+# default soft limit, 16 KiB hard), and its caller then sees RESOURCE_EXHAUSTED "Stream
+# removed" and learns nothing. An error can echo what the caller sent (a model name, a date)
+# and lists every violation, so both are bounded here, where errors go on the wire: the
+# message to MAX_MESSAGE_BYTES of UTF-8 (percent-encoded on the wire: up to 3 times as long,
+# and carried again in the details), a BadRequest to MAX_VIOLATIONS of MAX_DESCRIPTION_BYTES.
+MAX_MESSAGE_BYTES = 800
+MAX_VIOLATIONS = 10
+MAX_DESCRIPTION_BYTES = 200
+
+
+def shorten(text: str, limit_bytes: int) -> str:
+    """`text`, cut to at most `limit_bytes` of UTF-8 (on a character boundary) and marked so."""
+    data = text.encode()
+    if len(data) <= limit_bytes:
+        return text
+    mark = " … (shortened)"
+    kept = data[: max(0, limit_bytes - len(mark.encode()))].decode(errors="ignore")
+    return kept + mark
 
 
 class ShepherdError(Exception):
@@ -34,11 +53,16 @@ class ShepherdError(Exception):
         self.message = message
         self.details = tuple(details)
 
+    @property
+    def wire_message(self) -> str:
+        """The message as the caller receives it: at most MAX_MESSAGE_BYTES."""
+        return shorten(self.message, MAX_MESSAGE_BYTES)
+
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """Encode the rich details the way grpcio-status and grpcurl read them."""
         if not self.details:
             return ()
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        status = status_pb2.Status(code=self.code.value[0], message=self.wire_message)
         for detail in self.details:
             packed = any_pb2.Any()
             packed.Pack(detail)
@@ -47,18 +71,30 @@ class ShepherdError(Exception):
 
 
 def invalid_argument(violations: Iterable[tuple[str, str]]) -> ShepherdError:
-    """INVALID_ARGUMENT with one google.rpc.BadRequest field violation per problem."""
-    items = list(violations)
+    """INVALID_ARGUMENT with one google.rpc.BadRequest field violation per problem.
+
+    At most MAX_VIOLATIONS are listed, and the message names as many as fit in
+    MAX_MESSAGE_BYTES, then how many more there are: a request with hundreds of bad messages
+    still gets a status its caller can read.
+    """
+    items = [(field, shorten(text, MAX_DESCRIPTION_BYTES)) for field, text in violations]
+    shown = items[:MAX_VIOLATIONS]
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-            for field, description in items
+            for field, description in shown
         ]
     )
-    summary = "; ".join(f"{field}: {description}" for field, description in items)
-    return ShepherdError(
-        grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", [bad_request]
-    )
+    summary, listed = "invalid request: ", 0
+    room = MAX_MESSAGE_BYTES - len("; and 9999999 more")
+    for field, description in shown:
+        part = f"{'; ' if listed else ''}{field}: {description}"
+        if listed and len((summary + part).encode()) > room:
+            break
+        summary, listed = summary + part, listed + 1
+    if len(items) > listed:
+        summary += f"; and {len(items) - listed} more"
+    return ShepherdError(grpc.StatusCode.INVALID_ARGUMENT, summary, [bad_request])
 
 
 def retry_info(retry_after_s: float) -> error_details_pb2.RetryInfo:
@@ -115,7 +151,7 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str
     its traceback goes to the log only, so no Python traceback text ever reaches a caller.
     """
     if isinstance(error, ShepherdError):
-        await context.abort(error.code, error.message, error.trailing_metadata())
+        await context.abort(error.code, error.wire_message, error.trailing_metadata())
     if isinstance(error, grpc.aio.AbortError):
         raise error
     trace_id = current_trace_id()

@@ -105,7 +105,11 @@ def _day(value: str, field: str) -> dt.date:
 def report_range(start_day: str, end_day: str, today: dt.date) -> tuple[dt.date, dt.date]:
     """A report's days, first to last (by default the 30 days up to today), validated."""
     last = _day(end_day, "end_day") if end_day else today
-    first = _day(start_day, "start_day") if start_day else last - dt.timedelta(days=29)
+    if start_day:
+        first = _day(start_day, "start_day")
+    else:
+        # Thirty days, or fewer when end_day is within thirty days of the first date there is.
+        first = last - dt.timedelta(days=min(29, (last - dt.date.min).days))
     if first > last:
         raise invalid_argument([("start_day", f"{first} is after end_day {last}")])
     if (last - first).days + 1 > MAX_REPORT_DAYS:

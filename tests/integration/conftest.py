@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.router.v1 import router_pb2_grpc
 
-from deploy.local.launcher import LocalMesh, MeshConfig
+from deploy.local.launcher import LocalMesh
 from libs.apikeys import issue_key_at
-from tests.support.catalog import write_test_catalog, write_test_repository
+from tests.support.mesh import running_mesh
 from tests.support.otlp_receiver import OtlpReceiver
 
 Metadata = tuple[tuple[str, str], ...]
@@ -29,18 +28,6 @@ def tenant_totals(
     )
 
 
-def _pids_alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in {"Z", "X"}:
-            alive.append(pid)
-    return alive
-
-
 @pytest.fixture(scope="session")
 def otlp() -> Iterator[OtlpReceiver]:
     receiver = OtlpReceiver().start()
@@ -50,23 +37,12 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[LocalMesh]:
-    run_dir = tmp_path_factory.mktemp("mesh")
-    config = MeshConfig.ephemeral(
-        run_dir,
+    with running_mesh(
+        tmp_path_factory,
         otlp_endpoint=otlp.endpoint,
-        model_repository=write_test_repository(tmp_path_factory.mktemp("models")),
-        extra_env={
-            "SHEPHERD_CATALOG": str(write_test_catalog(run_dir / "catalog.yaml")),
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
-    )
-    mesh = LocalMesh(config).start()
-    pids = [proc.pid for proc in mesh.services.values()]
-    assert mesh.triton is not None and mesh.triton.pid is not None
-    pids.append(mesh.triton.pid)
-    yield mesh
-    mesh.stop()
-    assert _pids_alive(pids) == [], "the mesh left processes running after stop()"
+        extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+    ) as mesh:
+        yield mesh
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,13 @@ from grpc_status import rpc_status
 
 from deploy.local.ports import free_port
 from libs.errors import (
+    MAX_MESSAGE_BYTES,
+    MAX_VIOLATIONS,
     STATUS_DETAILS_KEY,
     ShepherdError,
     invalid_argument,
     resource_exhausted,
+    shorten,
 )
 from libs.gate import ServiceGate
 
@@ -60,6 +63,25 @@ def test_invalid_argument_round_trips_bad_request() -> None:
     ]
 
 
+def test_hundreds_of_violations_are_bounded_and_counted() -> None:
+    error = invalid_argument((f"messages[{i}].role", "must be ROLE_USER") for i in range(500))
+
+    assert error.message.startswith("invalid request: messages[0].role: must be ROLE_USER; ")
+    assert error.message.endswith(" more")
+    assert len(error.message.encode()) <= MAX_MESSAGE_BYTES
+    listed = error.message.count("must be ROLE_USER")
+    assert error.message.endswith(f"; and {500 - listed} more")
+    [bad_request] = unpack(decode(error), error_details_pb2.BadRequest)
+    assert len(bad_request.field_violations) == MAX_VIOLATIONS
+
+
+def test_shorten_cuts_on_a_character_boundary_and_says_so() -> None:
+    assert shorten("short", 100) == "short"
+    cut = shorten("🐑" * 1_000, 100)
+    assert len(cut.encode()) <= 100
+    assert cut.startswith("🐑") and cut.endswith("(shortened)")
+
+
 def test_resource_exhausted_carries_retry_delay() -> None:
     error = resource_exhausted("tenant over its rate limit", 1.5)
 
@@ -90,6 +112,14 @@ async def fail_plain(request: bytes, context: grpc.aio.ServicerContext) -> bytes
     raise ShepherdError(grpc.StatusCode.NOT_FOUND, "unknown model 'gpt5'")
 
 
+async def fail_echoing(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise ShepherdError(grpc.StatusCode.NOT_FOUND, f"unknown model {'x' * 50_000!r}")
+
+
+async def fail_with_many_violations(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    raise invalid_argument((f"messages[{i}].role", "must be ROLE_USER") for i in range(500))
+
+
 async def crash(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     raise RuntimeError(f"connection to postgres failed with password {SECRET}")
 
@@ -108,6 +138,8 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         "BadRequest": grpc.unary_unary_rpc_method_handler(fail_with_bad_request),
         "Retry": grpc.unary_unary_rpc_method_handler(fail_with_retry),
         "Plain": grpc.unary_unary_rpc_method_handler(fail_plain),
+        "Echoing": grpc.unary_unary_rpc_method_handler(fail_echoing),
+        "ManyViolations": grpc.unary_unary_rpc_method_handler(fail_with_many_violations),
         "Crash": grpc.unary_unary_rpc_method_handler(crash),
         "Echo": grpc.unary_unary_rpc_method_handler(echo),
     }
@@ -167,6 +199,28 @@ async def test_error_without_details_has_no_status_details(channel: grpc.aio.Cha
     assert await call_.code() == grpc.StatusCode.NOT_FOUND
     assert await call_.details() == "unknown model 'gpt5'"
     assert await rpc_status.aio.from_call(call_) is None
+
+
+async def test_a_huge_message_reaches_the_client_shortened(channel: grpc.aio.Channel) -> None:
+    """A status over 8 KiB would reach the client as RESOURCE_EXHAUSTED "Stream removed"."""
+    call_ = await call(channel, "Echoing")
+
+    assert await call_.code() == grpc.StatusCode.NOT_FOUND
+    details = await call_.details()
+    assert details.startswith("unknown model 'xxx") and details.endswith("(shortened)")
+
+
+async def test_hundreds_of_violations_reach_the_client_as_invalid_argument(
+    channel: grpc.aio.Channel,
+) -> None:
+    call_ = await call(channel, "ManyViolations")
+
+    assert await call_.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await call_.details()).endswith(" more")
+    status = await rpc_status.aio.from_call(call_)
+    assert status is not None
+    [bad_request] = unpack(status, error_details_pb2.BadRequest)
+    assert len(bad_request.field_violations) == MAX_VIOLATIONS
 
 
 async def test_unexpected_exception_is_internal_without_traceback(

@@ -232,3 +232,15 @@ def test_report_range_defaults_to_thirty_days_and_refuses_nonsense() -> None:
         with pytest.raises(ShepherdError) as caught:
             report_range(start, end, today)
         assert "start_day" in caught.value.message
+
+
+def test_report_range_ending_near_the_first_date_starts_at_it() -> None:
+    """A report ending in the first days of year 1 has fewer than thirty days, not an error.
+
+    Found by the fuzz (tests/fuzz): end_day 0001-01-01 without start_day made the default
+    start overflow, and GetUsage answered INTERNAL.
+    """
+    today = NOON.date()
+    assert report_range("", "0001-01-01", today) == (dt.date.min, dt.date.min)
+    assert report_range("", "0001-01-10", today) == (dt.date.min, dt.date(1, 1, 10))
+    assert report_range("", "9999-12-31", today) == (dt.date(9999, 12, 2), dt.date.max)

@@ -68,3 +68,31 @@ async def test_unknown_roles_and_policies_are_invalid_argument(
         await stub.Lookup(request_, timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"{field}: must be" in (refused.value.details() or "")
+
+
+async def test_hundreds_of_bad_messages_get_a_status_the_caller_can_read(
+    stub: cache_pb2_grpc.CacheServiceStub,
+) -> None:
+    """Found by the fuzz (tests/fuzz): one violation per message made a status too large for
+    a gRPC client (over 8 KiB of trailers), which saw RESOURCE_EXHAUSTED "Stream removed"."""
+    request = lookup(role=99)
+    request.messages.extend([request.messages[0]] * 299)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Lookup(request, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details() or ""
+    assert details.startswith("invalid request: messages[0].role: must be")
+    assert details.endswith(" more")
+
+
+async def test_a_huge_foreign_namespace_is_refused_readably(
+    stub: cache_pb2_grpc.CacheServiceStub,
+) -> None:
+    """The refusal names the namespace the key was for, shortened when a caller made it huge."""
+    key = f"shepherd:cache:v2:tenant:{'x' * 30_000}:shepherd-tiny:{'0' * 64}"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Store(cache_pb2.StoreRequest(key=key, tenant="acme"), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = refused.value.details() or ""
+    assert details.startswith("tenant 'acme' may not write to cache namespace 'tenant:xxx")
+    assert details.endswith("(shortened)")
