@@ -7,24 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local.launcher import LocalMesh, MeshConfig, Replica
+from deploy.local.launcher import LocalMesh, Replica
 from tests.chaos.report import ChaosReport
-from tests.support.catalog import write_test_catalog, write_test_repository
+from tests.support.mesh import running_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    run_dir = tmp_path_factory.mktemp("chaos")
-    config = MeshConfig.ephemeral(
-        run_dir,
-        model_repository=write_test_repository(tmp_path_factory.mktemp("models")),
-        extra_env={
-            "SHEPHERD_CATALOG": str(write_test_catalog(run_dir / "catalog.yaml")),
-            # A killed peer is noticed by every request, not after a long health poll.
-            "SHEPHERD_SHUTDOWN_GRACE_S": "2",
-        },
-    )
-    with LocalMesh(config) as mesh:
+    """The integration suite's mesh (tests/support/mesh.py), scoped to this module."""
+    with running_mesh(tmp_path_factory, extra_env={"SHEPHERD_SHUTDOWN_GRACE_S": "2"}) as mesh:
         yield mesh
 
 
