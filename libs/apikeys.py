@@ -36,8 +36,13 @@ def key_id_of(digest: str) -> str:
 
 
 def valid_tenant(tenant: str) -> bool:
-    """Tenant names are letters, digits, '-' and '_', so they are safe inside Redis keys."""
-    return bool(tenant) and len(tenant) <= 64 and tenant.replace("-", "").replace("_", "").isalnum()
+    """Tenant names are ASCII letters, digits, '-' and '_', so they are safe inside Redis keys."""
+    return (
+        bool(tenant)
+        and len(tenant) <= 64
+        and tenant.isascii()
+        and tenant.replace("-", "").replace("_", "").isalnum()
+    )
 
 
 @dataclass(frozen=True)

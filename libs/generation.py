@@ -45,6 +45,13 @@ def params_violations(
                 f"must be between 1 and {model.max_output_tokens} for {model.name}{default}",
             )
         )
+    violations.extend(sampling_violations(params))
+    return violations
+
+
+def sampling_violations(params: common_pb2.GenerationParams) -> list[Violation]:
+    """Temperature and top_p: finite and in range (NaN must never reach a batch or a key)."""
+    violations: list[Violation] = []
     if not math.isfinite(params.temperature) or not 0.0 <= params.temperature <= 2.0:
         violations.append(("params.temperature", "must be between 0 and 2"))
     if not math.isfinite(params.top_p) or not 0.0 <= params.top_p <= 1.0:

@@ -85,7 +85,11 @@ def server_span(
     `method` is the full gRPC method (`/package.Service/Method`). The span is current inside
     the block, so outbound calls and logs carry its trace.
     """
-    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    carrier = {
+        key: value
+        for key, value in metadata or ()
+        if isinstance(value, str) and len(value) <= MAX_TRACE_HEADER
+    }
     service, _, name = method[1:].rpartition("/")
     with _tracer.start_as_current_span(
         method,
@@ -98,6 +102,12 @@ def server_span(
         yield span
 
 
+# Trace context longer than this is ignored, not parsed: W3C's traceparent is 55 characters
+# and tracestate at most 512, and OpenTelemetry logs a warning for every longer value it is
+# given, so a caller could otherwise flood the logs with one header.
+MAX_TRACE_HEADER = 512
+
+
 @contextmanager
 def child_span(name: str, traceparent: str) -> Iterator[trace.Span]:
     """A span under the trace `traceparent` names (or under the current span when empty).
@@ -105,7 +115,8 @@ def child_span(name: str, traceparent: str) -> Iterator[trace.Span]:
     For work one RPC does on behalf of several requests (billing's batch of usage records):
     each request's trace shows its own part, not only the trace the batch call carried.
     """
-    context = propagate.extract({"traceparent": traceparent}) if traceparent else None
+    valid = traceparent and len(traceparent) <= MAX_TRACE_HEADER
+    context = propagate.extract({"traceparent": traceparent}) if valid else None
     with _tracer.start_as_current_span(name, context=context) as span:
         yield span
 

@@ -16,7 +16,7 @@ from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
 from libs.fingerprint import is_cacheable
-from libs.generation import cache_policy_violations, message_violations
+from libs.generation import cache_policy_violations, message_violations, sampling_violations
 from services.cache.keys import cache_key, key_namespace, namespace
 from services.cache.store import ResponseStore
 
@@ -41,6 +41,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         # The cache owns its input too: an unknown role or policy is refused, never keyed.
         violations.extend(message_violations(request.messages))
         violations.extend(cache_policy_violations(request.policy, "policy"))
+        violations.extend(sampling_violations(request.params))
         if violations:
             raise invalid_argument(violations)
         if not is_cacheable(request.policy, request.params):

@@ -49,6 +49,13 @@ def lookup(
     )
 
 
+def nan_temperature() -> cache_pb2.LookupRequest:
+    """Found by the fuzz: a NaN temperature with policy ALWAYS was keyed and looked up."""
+    request = lookup(policy=common_pb2.CACHE_POLICY_ALWAYS)
+    request.params.temperature = float("nan")
+    return request
+
+
 async def test_a_valid_lookup_is_a_miss_with_a_key(stub: cache_pb2_grpc.CacheServiceStub) -> None:
     response = await stub.Lookup(lookup(), timeout=5)
     assert response.cacheable and not response.hit and response.key
@@ -59,6 +66,7 @@ async def test_a_valid_lookup_is_a_miss_with_a_key(stub: cache_pb2_grpc.CacheSer
     [
         (lookup(role=99), "messages[0].role"),
         (lookup(policy=99), "policy"),
+        (nan_temperature(), "params.temperature"),
     ],
 )
 async def test_unknown_roles_and_policies_are_invalid_argument(
