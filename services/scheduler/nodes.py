@@ -44,6 +44,7 @@ from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment, Pool
 from libs.errors import ShepherdError
+from libs.tasks import log_failure, supervise
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 
 _log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class NodePool:
         self._client_factory = client_factory
         self.nodes: dict[str, Node] = {}
         self._waiters: list[_Waiter] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(timeout=health.probe_timeout_s, trust_env=False)
         for address in pool.nodes:
             self._add(address)
@@ -265,16 +266,14 @@ class NodePool:
         if self.pool.dns:
             await self._resolve_dns()
         await asyncio.gather(*(self._adopt(node) for node in list(self.nodes.values())))
-        self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poll:{self.pool.name}"))
+        self._tasks.add(supervise(f"poll:{self.pool.name}", self._poll_loop))
         if self.pool.dns:
-            self._tasks.append(asyncio.create_task(self._dns_loop(), name=f"dns:{self.pool.name}"))
+            self._tasks.add(supervise(f"dns:{self.pool.name}", self._dns_loop))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # each logs its own failure
         for waiter in self._waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(
@@ -541,8 +540,12 @@ class NodePool:
     def _drop(self, node: Node) -> None:
         if self.nodes.get(node.address) is node:
             del self.nodes[node.address]
-            task = asyncio.get_running_loop().create_task(node.client.close())
-            self._tasks.append(task)
+            task = asyncio.get_running_loop().create_task(
+                node.client.close(), name=f"close:{node.address}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(log_failure)
 
 
 def pools_for(
