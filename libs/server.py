@@ -25,6 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.config import ConfigError, ServerConfig, TelemetryConfig
 from libs.credentials import AccessPolicy
@@ -72,6 +75,18 @@ def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.
 
     The pool blocks (up to the timeout) when all connections are busy, instead of failing
     with "Too many connections" the moment a burst exceeds the pool.
+
+    A command that fails with a connection error (a pooled connection that a Redis restart
+    closed: "Connection closed by server", a reset, a refused reconnect) is sent once more,
+    at once, on a fresh connection, so the first command after a restart does not fail. Only
+    connection errors, never timeouts: a timed-out command may still be running on the
+    server, and repeating it would double the wait. A command that did reach the server
+    before its connection broke (its reply lost) may run twice, so every write through this
+    client must be idempotent: SET/HSET/DEL, and Lua scripts keyed by request id. After a
+    restart the command never reached the new server, so the retry is always safe there.
+    redis-py's Script reloads a script the restarted server no longer has (NOSCRIPT).
+    `health_check_interval` (a PING before reusing an idle connection) is not used: it costs
+    a round trip on every request after a pause, and the retry covers the same case.
     """
     pool = redis.BlockingConnectionPool.from_url(
         url,
@@ -79,6 +94,7 @@ def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
     )
     return redis.Redis.from_pool(pool)
 
