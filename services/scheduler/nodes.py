@@ -146,6 +146,15 @@ class Node:
             return self.inflight == 0
         return state is not NodeState.OPEN
 
+    def answering(self) -> bool:
+        """Whether the node answers its health checks: its breaker is closed, or nothing has
+        failed yet. For readiness, which must not count a node that is down or on probation
+        (HALF_OPEN) as capacity."""
+        if self.gone:
+            return False
+        state = self.breaker.state
+        return state is NodeState.HEALTHY or (state is NodeState.UNKNOWN and not self.failures)
+
     def blocked_until(self, now: float) -> float | None:
         """When an OPEN node may be probed again; None when it is not blocked."""
         if self.gone:
@@ -402,6 +411,17 @@ class NodePool:
             node.cap
             for node in self.nodes.values()
             if node.ready(deployment.backend_model) and node.usable(now)
+        )
+
+    def serves(self, deployment: Deployment) -> bool:
+        """Whether a batch of `deployment` could run in this pool now: some answering node
+        holds the model, or (explicit model control) has the memory to load it."""
+        name = deployment.backend_model
+        return any(
+            node.ready(name)
+            or (self.placement is not None and node.memory_total_mb >= deployment.memory_mb)
+            for node in self.nodes.values()
+            if node.answering()
         )
 
     def ema_s(self, deployment: Deployment) -> float:
