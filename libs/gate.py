@@ -14,6 +14,11 @@ For every method but health and reflection (which stay open and untraced, so pro
 2. the call runs inside a SERVER span that continues the caller's trace (libs/telemetry.py);
 3. a ShepherdError becomes its status and rich details, and anything else INTERNAL with a
    trace id (libs/errors.py), so no servicer needs try/except boilerplate.
+
+The gate also drains the server on shutdown (libs/server.py): it counts the calls in flight,
+and once `close()` is called it refuses every new call with UNAVAILABLE ("retry on another
+replica", which clients and the router's retry policy treat as retryable) while the calls it
+had already let through run to the end; `drain()` waits for them.
 """
 
 from __future__ import annotations
@@ -33,12 +38,51 @@ Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 
+class InFlight:
+    """How many calls are running, and a way to wait until none is."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no call is running."""
+        while self.count:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+
 class ServiceGate(grpc.aio.ServerInterceptor):
     """Access, tracing and error mapping for every call, in one layer (see the module doc)."""
 
-    def __init__(self, policy: AccessPolicy | None = None) -> None:
+    def __init__(self, policy: AccessPolicy | None = None, service: str = "the service") -> None:
         self._policy = policy
+        self._service = service
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.inflight = InFlight()
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse every new call from now on (health and reflection stay open)."""
+        self._closed = True
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every call let through has ended; False if some still run at timeout_s."""
+        try:
+            await asyncio.wait_for(self.inflight.idle(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -49,7 +93,13 @@ class ServiceGate(grpc.aio.ServerInterceptor):
             found = await continuation(handler_call_details)
             if found is None or method.startswith(OPEN_PREFIXES):
                 return found
-            handler = self._handlers[method] = _wrap(found, method)
+            handler = self._handlers[method] = _wrap(found, method, self.inflight)
+        if self._closed:
+            return refusal_handler(
+                handler,
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self._service} is shutting down: retry on another replica",
+            )
         if self._policy is not None:
             access = self._policy.access(method)
             if access is not None:
@@ -75,8 +125,9 @@ async def _fail(
     await abort(context, error, method)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """`handler` with its servicer run inside a span and its errors mapped to statuses."""
+def _wrap(handler: grpc.RpcMethodHandler, method: str, inflight: InFlight) -> grpc.RpcMethodHandler:
+    """`handler` with its servicer run inside a span and its errors mapped to statuses, and
+    counted in `inflight` while it runs."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -85,16 +136,20 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behavior: Unary = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with server_span(method, context.invocation_metadata()) as span:
-                try:
-                    response = await behavior(request, context)
-                except asyncio.CancelledError:
-                    end_status(span, grpc.StatusCode.CANCELLED)
-                    raise
-                except Exception as error:
-                    await _fail(context, error, method, span)
-                end_status(span, context.code() or grpc.StatusCode.OK)
-                return response
+            inflight.enter()
+            try:
+                with server_span(method, context.invocation_metadata()) as span:
+                    try:
+                        response = await behavior(request, context)
+                    except asyncio.CancelledError:
+                        end_status(span, grpc.StatusCode.CANCELLED)
+                        raise
+                    except Exception as error:
+                        await _fail(context, error, method, span)
+                    end_status(span, context.code() or grpc.StatusCode.OK)
+                    return response
+            finally:
+                inflight.leave()
 
         return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
     if handler.unary_stream is not None:
@@ -103,16 +158,20 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         async def unary_stream(
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            with server_span(method, context.invocation_metadata()) as span:
-                try:
-                    async for response in stream(request, context):
-                        yield response
-                except asyncio.CancelledError:
-                    end_status(span, grpc.StatusCode.CANCELLED)
-                    raise
-                except Exception as error:
-                    await _fail(context, error, method, span)
-                end_status(span, context.code() or grpc.StatusCode.OK)
+            inflight.enter()
+            try:
+                with server_span(method, context.invocation_metadata()) as span:
+                    try:
+                        async for response in stream(request, context):
+                            yield response
+                    except asyncio.CancelledError:
+                        end_status(span, grpc.StatusCode.CANCELLED)
+                        raise
+                    except Exception as error:
+                        await _fail(context, error, method, span)
+                    end_status(span, context.code() or grpc.StatusCode.OK)
+            finally:
+                inflight.leave()
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
     return handler  # no client-streaming methods in Shepherd's contracts

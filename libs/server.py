@@ -1,10 +1,22 @@
 """The one server bootstrap every Shepherd service runs on.
 
 It follows grpc's asyncio examples: build the server, register the service, add the standard
-health service and reflection (so `grpcurl list` works), start, flip health to SERVING, and on
-SIGTERM or SIGINT flip health to NOT_SERVING with `enter_graceful_shutdown()`, stop accepting,
-let in-flight calls finish within the grace period, and only then close the clients the
-service was given.
+health service (libs/health.py: liveness, and readiness that follows the service's hard
+dependencies, re-checked about once a second) and reflection (so `grpcurl list` works), and
+start. On SIGTERM or SIGINT it drains:
+
+1. the service gate (libs/gate.py) refuses every new call with UNAVAILABLE, "retry on
+   another replica";
+2. readiness turns NOT_SERVING (liveness stays SERVING), so load balancers and probes send
+   new work elsewhere;
+3. each call the gate had already let through is served to the end, for up to `grace_s`
+   (SHEPHERD_SHUTDOWN_GRACE_S);
+4. the server stops with a short grace, for a call that arrived just as the gate closed;
+5. the clients the service was given are closed, in order.
+
+Why not only `server.stop(grace)`: grpc stops taking calls at once and cancels the calls it
+had received but not yet handed to the application, so under load calls a router had
+accepted ended CANCELLED the moment SIGTERM arrived.
 """
 
 from __future__ import annotations
@@ -21,15 +33,20 @@ import grpc
 import redis.asyncio as redis
 import uvloop
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.config import ConfigError, ServerConfig, TelemetryConfig
 from libs.credentials import AccessPolicy
 from libs.gate import ServiceGate
+from libs.health import Health, Probe, RedisProbe
 from libs.logs import setup_logging
+from libs.tasks import set_fatal_handler
 from libs.telemetry import setup_metrics, setup_tracing
 
 _log = logging.getLogger(__name__)
@@ -67,11 +84,28 @@ def setup_process(telemetry: TelemetryConfig) -> None:
     setup_metrics(telemetry)
 
 
+# Once the server has drained (or the grace period is over), what grpc itself still gives a
+# call that arrived just as the gate closed.
+_STOP_GRACE_S = 1.0
+
+
 def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.Redis:
     """Create the shared Redis client with explicit timeouts on every command.
 
     The pool blocks (up to the timeout) when all connections are busy, instead of failing
     with "Too many connections" the moment a burst exceeds the pool.
+
+    A command that fails with a connection error (a pooled connection that a Redis restart
+    closed: "Connection closed by server", a reset, a refused reconnect) is sent once more,
+    at once, on a fresh connection, so the first command after a restart does not fail. Only
+    connection errors, never timeouts: a timed-out command may still be running on the
+    server, and repeating it would double the wait. A command that did reach the server
+    before its connection broke (its reply lost) may run twice, so every write through this
+    client must be idempotent: SET/HSET/DEL, and Lua scripts keyed by request id. After a
+    restart the command never reached the new server, so the retry is always safe there.
+    redis-py's Script reloads a script the restarted server no longer has (NOSCRIPT).
+    `health_check_interval` (a PING before reusing an idle connection) is not used: it costs
+    a round trip on every request after a pause, and the retry covers the same case.
     """
     pool = redis.BlockingConnectionPool.from_url(
         url,
@@ -79,6 +113,7 @@ def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
     )
     return redis.Redis.from_pool(pool)
 
@@ -88,25 +123,35 @@ def text(reply: bytes | str) -> str:
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
+def redis_probe(url: str) -> RedisProbe:
+    """A readiness probe of the Redis at `url`: PING on its own connection, 0.5 s timeout."""
+    return RedisProbe(open_redis(url, 0.5, max_connections=1))
+
+
 async def run_server(
     config: ServerConfig,
     bindings: Sequence[Binding],
     cleanups: Sequence[Cleanup] = (),
     access: AccessPolicy | None = None,
+    readiness: Sequence[Probe] = (),
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order.
 
     `access`, when given, refuses calls without the credential their method needs (the
     internal services); the router authenticates its callers' API keys itself. Every call
-    goes through the one ServiceGate (libs/gate.py): access, trace span, error mapping.
+    goes through the one ServiceGate (libs/gate.py): access, trace span, error mapping,
+    draining. `readiness` are the service's hard dependencies (libs/health.py); the server
+    closes them. A fatal background task (libs/tasks.py) stops the service like SIGTERM
+    does, and then `run_server` raises ServiceFailure.
     """
-    server = grpc.aio.server(interceptors=[ServiceGate(access)], options=_SERVER_OPTIONS)
+    gate = ServiceGate(access, config.service)
+    server = grpc.aio.server(interceptors=[gate], options=_SERVER_OPTIONS)
     service_names = []
     for binding in bindings:
         binding.add(binding.servicer, server)
         service_names.append(binding.service.full_name)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health = Health(service_names, readiness)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [
             *service_names,
@@ -120,24 +165,49 @@ async def run_server(
     except RuntimeError:  # grpc raises when it cannot bind at all
         bound = 0
     if bound == 0:
+        await health.close()
         raise ListenError(
             f"{config.service} could not listen on {config.address}: is the port in use? (set"
             f" SHEPHERD_{config.service.upper()}_PORT to another port, or stop what holds it)"
         )
-    await server.start()
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _log.info("serving", extra={"address": config.address, "services": service_names})
 
     stop = asyncio.Event()
+    failures: list[str] = []
+
+    def fail(reason: str) -> None:
+        failures.append(reason)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    set_fatal_handler(fail)
+    try:
+        await health.start()
+        await server.start()
+        _log.info("serving", extra={"address": config.address, "services": service_names})
+        await stop.wait()
 
-    _log.info("shutting down", extra={"grace_s": config.grace_s})
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_s)
+        _log.info(
+            "shutting down",
+            extra={"grace_s": config.grace_s, "calls_in_flight": gate.inflight.count},
+        )
+        deadline = loop.time() + config.grace_s
+        gate.close()  # first: once a probe sees NOT_SERVING, no new call gets through
+        await health.shutting_down()
+        if await gate.drain(config.grace_s):
+            _log.info("drained")
+        else:
+            _log.warning(
+                "grace period over with calls in flight; they are cancelled",
+                extra={"calls_in_flight": gate.inflight.count},
+            )
+        await server.stop(max(0.0, min(_STOP_GRACE_S, deadline - loop.time())))
+    finally:
+        set_fatal_handler(None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await health.close()
     for cleanup in cleanups:
         try:
             await cleanup()
@@ -147,10 +217,16 @@ async def run_server(
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.shutdown()  # flushes spans still buffered for the OTLP exporter
+    if failures:
+        raise ServiceFailure(failures[0])
 
 
 class ListenError(OSError):
     """The service's port cannot be bound: a start-up error with one clear line."""
+
+
+class ServiceFailure(RuntimeError):
+    """The service stopped itself because something it cannot work without failed."""
 
 
 def main(serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -167,6 +243,9 @@ def main(serve: Callable[[], Coroutine[Any, Any, None]]) -> None:
     except ListenError as error:
         print(f"cannot start: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ServiceFailure as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def outbound_timeout(context: grpc.aio.ServicerContext, cap_s: float) -> float:

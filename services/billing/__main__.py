@@ -8,7 +8,7 @@ from libs.accounts import Accounts
 from libs.apikeys import KeyStore
 from libs.catalog import load_catalog
 from libs.credentials import Access, AccessPolicy
-from libs.server import Binding, main, open_redis, run_server, setup_process
+from libs.server import Binding, main, open_redis, redis_probe, run_server, setup_process
 from services.billing.admin import AdminServicer
 from services.billing.config import BillingConfig
 from services.billing.ledger import Ledger
@@ -45,7 +45,13 @@ async def serve() -> None:
             _BILLING + "GetUsage": Access.INTERNAL_OR_ADMIN,
         },
     )
-    await run_server(config.server, bindings, cleanups=[client.aclose], access=access)
+    await run_server(
+        config.server,
+        bindings,
+        cleanups=[client.aclose],
+        access=access,
+        readiness=[redis_probe(config.redis_url)],  # the ledger and budgets live there
+    )
 
 
 if __name__ == "__main__":

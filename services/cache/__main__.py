@@ -6,7 +6,7 @@ from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from libs.catalog import load_catalog
 from libs.credentials import AccessPolicy
-from libs.server import Binding, main, open_redis, run_server, setup_process
+from libs.server import Binding, main, open_redis, redis_probe, run_server, setup_process
 from services.cache.config import CacheConfig
 from services.cache.servicer import CacheServicer
 from services.cache.store import ResponseStore
@@ -27,6 +27,8 @@ async def serve() -> None:
         [binding],
         cleanups=[client.aclose],
         access=AccessPolicy(config.credentials),
+        # The cache fails open without Redis, but a replica that can only miss is no use.
+        readiness=[redis_probe(config.redis_url)],
     )
 
 

@@ -11,7 +11,7 @@ from libs.accounts import Accounts
 from libs.apikeys import KeyStore
 from libs.catalog import load_catalog
 from libs.peers import open_channel
-from libs.server import Binding, main, open_redis, run_server, setup_process
+from libs.server import Binding, main, open_redis, redis_probe, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.pipeline import ChatPipeline
@@ -66,6 +66,8 @@ async def serve() -> None:
         [binding],
         # Usage in flight goes to billing (or the spool) before the channels close.
         cleanups=[usage.close, close_spool, close_channels, redis_client.aclose],
+        # API keys, budgets and rate limits are in Redis: without it no call can be admitted.
+        readiness=[redis_probe(config.redis_url)],
     )
 
 

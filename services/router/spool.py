@@ -34,6 +34,7 @@ import grpc
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 
 from libs.errors import ShepherdError
+from libs.tasks import log_failure, supervise
 
 _log = logging.getLogger(__name__)
 _LENGTH = struct.Struct(">I")
@@ -129,6 +130,7 @@ class UsageSpool:
         self._waiting.append((encode(record), done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="usage-spool-write")
+            self._writer.add_done_callback(log_failure)
         await asyncio.shield(done)  # once handed to the writer, the append completes
 
     async def _write(self) -> None:
@@ -163,19 +165,9 @@ class UsageSpool:
             os.close(fd)
 
     def start(self) -> None:
-        """Start the replay loop (call once, on the running loop)."""
-        self._loop_task = asyncio.create_task(self._run(), name="usage-spool-replay")
-
-    async def _run(self) -> None:
-        """Replay the spool to billing for ever; a round that fails is logged and retried."""
-        while True:
-            try:
-                await self._run_rounds()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("usage spool replay failed; retrying in a second")
-                await asyncio.sleep(1.0)
+        """Start the replay loop (call once, on the running loop); a round that fails is
+        logged and the loop restarted (libs/tasks.py)."""
+        self._loop_task = supervise("usage-spool-replay", self._run_rounds, min_backoff_s=1.0)
 
     async def _run_rounds(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from services.scheduler.hosted import HostedBackend, HostedClient, HostedConfig
 from services.scheduler.nodes import pools_for
 from services.scheduler.placement import Placer
 from services.scheduler.queue import ModelQueue
+from services.scheduler.readiness import ModelsProbe
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.stats import ModelStats, observe_queue_depth
 from services.scheduler.triton import TritonBackend
@@ -111,7 +112,13 @@ async def serve() -> None:
         config.credentials,
         {"/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN},
     )
-    await run_server(config.server, [binding], cleanups=[close_scheduling], access=access)
+    await run_server(
+        config.server,
+        [binding],
+        cleanups=[close_scheduling],
+        access=access,
+        readiness=[ModelsProbe(catalog.models, dispatcher)],
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import grpc
 
 from libs.catalog import Model
 from libs.errors import ShepherdError
+from libs.tasks import log_failure, supervise
 from services.scheduler.queue import ModelQueue, PendingRequest
 from services.scheduler.stats import ModelStats
 
@@ -90,7 +91,7 @@ class Batcher:
         return len(self._inflight)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"batcher:{self.model.name}")
+        self._task = supervise(f"batcher:{self.model.name}", self._loop)
 
     async def close(self) -> None:
         """Stop forming batches, fail whatever is still queued, let running batches finish."""
@@ -193,6 +194,7 @@ class Batcher:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         """A batch ended: when it was the last one running, what queued meanwhile goes now."""
         self._inflight.discard(task)
+        log_failure(task)  # _dispatch answers its requests itself; anything left is a bug
         if not self._inflight:
             self._wake.set()
 

@@ -105,6 +105,13 @@ class Dispatcher:
         await semaphore.acquire()
         return HostedSlot(semaphore)
 
+    def usable(self, model: Model) -> bool:
+        """Whether some deployment of `model` could take a request now (for readiness)."""
+        return any(
+            self._pools[d.pool].serves(d) if d.kind == "triton" else self._hosted.usable(d)
+            for d in model.deployments
+        )
+
     def parallelism(self, model: Model) -> int:
         primary = model.deployments[0]
         if primary.kind == "triton":

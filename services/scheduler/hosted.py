@@ -713,6 +713,16 @@ class HostedBackend:
         for client in self._clients.values():
             await client.aclose()
 
+    def usable(self, deployment: Deployment) -> bool:
+        """Whether a call to `deployment` could go out now: its provider has an API key and
+        its circuit breaker is not open."""
+        client = self._clients.get(deployment.provider)
+        return (
+            client is not None
+            and client.sdk is not None
+            and client.breaker.current() is not BreakerState.OPEN
+        )
+
     def run(
         self, deployment: Deployment, batch: Sequence[PendingRequest]
     ) -> AsyncGenerator[tuple[int, Event], None]:

@@ -44,6 +44,7 @@ from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment, Pool
 from libs.errors import ShepherdError
+from libs.tasks import log_failure, supervise
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 
 _log = logging.getLogger(__name__)
@@ -144,6 +145,15 @@ class Node:
         if state is NodeState.HALF_OPEN:
             return self.inflight == 0
         return state is not NodeState.OPEN
+
+    def answering(self) -> bool:
+        """Whether the node answers its health checks: its breaker is closed, or nothing has
+        failed yet. For readiness, which must not count a node that is down or on probation
+        (HALF_OPEN) as capacity."""
+        if self.gone:
+            return False
+        state = self.breaker.state
+        return state is NodeState.HEALTHY or (state is NodeState.UNKNOWN and not self.failures)
 
     def blocked_until(self, now: float) -> float | None:
         """When an OPEN node may be probed again; None when it is not blocked."""
@@ -248,7 +258,7 @@ class NodePool:
         self._client_factory = client_factory
         self.nodes: dict[str, Node] = {}
         self._waiters: list[_Waiter] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._http = httpx.AsyncClient(timeout=health.probe_timeout_s, trust_env=False)
         for address in pool.nodes:
             self._add(address)
@@ -265,16 +275,14 @@ class NodePool:
         if self.pool.dns:
             await self._resolve_dns()
         await asyncio.gather(*(self._adopt(node) for node in list(self.nodes.values())))
-        self._tasks.append(asyncio.create_task(self._poll_loop(), name=f"poll:{self.pool.name}"))
+        self._tasks.add(supervise(f"poll:{self.pool.name}", self._poll_loop))
         if self.pool.dns:
-            self._tasks.append(asyncio.create_task(self._dns_loop(), name=f"dns:{self.pool.name}"))
+            self._tasks.add(supervise(f"dns:{self.pool.name}", self._dns_loop))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # each logs its own failure
         for waiter in self._waiters:
             if not waiter.future.done():
                 waiter.future.set_exception(
@@ -403,6 +411,17 @@ class NodePool:
             node.cap
             for node in self.nodes.values()
             if node.ready(deployment.backend_model) and node.usable(now)
+        )
+
+    def serves(self, deployment: Deployment) -> bool:
+        """Whether a batch of `deployment` could run in this pool now: some answering node
+        holds the model, or (explicit model control) has the memory to load it."""
+        name = deployment.backend_model
+        return any(
+            node.ready(name)
+            or (self.placement is not None and node.memory_total_mb >= deployment.memory_mb)
+            for node in self.nodes.values()
+            if node.answering()
         )
 
     def ema_s(self, deployment: Deployment) -> float:
@@ -541,8 +560,12 @@ class NodePool:
     def _drop(self, node: Node) -> None:
         if self.nodes.get(node.address) is node:
             del self.nodes[node.address]
-            task = asyncio.get_running_loop().create_task(node.client.close())
-            self._tasks.append(task)
+            task = asyncio.get_running_loop().create_task(
+                node.client.close(), name=f"close:{node.address}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(log_failure)
 
 
 def pools_for(

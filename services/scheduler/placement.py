@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment
+from libs.tasks import log_failure
 from services.scheduler.nodes import ModelOnNode, ModelState, Node, NodePool
 from services.scheduler.stats import placement_event
 
@@ -103,10 +104,11 @@ class Placer:
         node.models[name] = ModelOnNode(name, deployment.memory_mb, ModelState.LOADING)
         reason = "first use" if not holders else "hot: every copy is busy"
         task = asyncio.get_running_loop().create_task(
-            self._load(pool, node, deployment, victims, reason)
+            self._load(pool, node, deployment, victims, reason), name=f"load:{name}@{node.address}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_failure)
 
     @staticmethod
     def _choose(

@@ -21,6 +21,7 @@ import yaml
 
 from libs.catalog import load_catalog
 from libs.config import DEFAULT_CATALOG, REPO_ROOT
+from libs.health import LIVENESS
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 NAMESPACE = "shepherd"
@@ -28,6 +29,11 @@ SECRET_TEMPLATE = "secret.example.yaml"
 NOT_RESOURCES = {"catalog.yaml", "kustomization.yaml", SECRET_TEMPLATE}
 SERVICES = ("router", "scheduler", "cache", "billing")
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+
+# The health names that follow a service's readiness (libs/health.py).
+READINESS_NAMES = {
+    service: {"", f"shepherd.{service}.v1.{service.capitalize()}Service"} for service in SERVICES
+}
 
 INTERNAL_TOKEN = "SHEPHERD_INTERNAL_TOKEN"
 ADMIN_KEYS = "SHEPHERD_ADMIN_KEYS"
@@ -381,6 +387,21 @@ def test_redis_requires_the_password_from_the_secret() -> None:
     used = re.findall(r"requirepass\s+\"?\$\(?(\w+)\)?", start)
     assert used, "redis must start with requirepass"
     assert set(used) <= secret_vars
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_probes_ask_liveness_to_restart_and_readiness_to_route(service: str) -> None:
+    # libs/health.py: `liveness` is the process alone; "" and the service's full name follow
+    # its dependencies and shutdown. A liveness probe on readiness would restart every pod
+    # whenever Redis is down; a readiness probe on liveness would route calls to a pod that
+    # cannot serve them, or is draining.
+    container = _main_container(service)
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == port, (service, probe)
+    assert container["livenessProbe"]["grpc"].get("service") == LIVENESS
+    assert container["startupProbe"]["grpc"].get("service") == LIVENESS
+    assert container["readinessProbe"]["grpc"].get("service", "") in READINESS_NAMES[service]
 
 
 def test_redis_probes_authenticate_and_check_the_answer() -> None:

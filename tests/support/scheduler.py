@@ -11,6 +11,7 @@ on a free port, and stops it afterwards.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from deploy.local.ports import free_port
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
 from libs.credentials import Credentials
+from libs.health import LIVENESS
 from libs.peers import PeerChannel, open_channel
 
 # The service token and admin key every scheduler started by the tests is given.
@@ -187,7 +189,7 @@ class SchedulerProcess:
             "SHEPHERD_ADMIN_KEYS": TEST_CREDENTIALS.admin_keys[0],
             **(env or {}),
         }
-        self._process = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> SchedulerProcess:
         self._process = spawn(
@@ -202,8 +204,11 @@ class SchedulerProcess:
                 if self._process.poll() is not None:
                     raise RuntimeError("the scheduler exited:\n" + tail(self.log_path))
                 try:
+                    # Up, not ready: a test may start a scheduler whose backends are down.
                     if (
-                        health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        health.Check(
+                            health_pb2.HealthCheckRequest(service=LIVENESS), timeout=1
+                        ).status
                         == health_pb2.HealthCheckResponse.SERVING
                     ):
                         return self
@@ -211,10 +216,13 @@ class SchedulerProcess:
                     pass
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(
-                        "the scheduler never reported SERVING:\n" + tail(self.log_path)
-                    )
+                    raise RuntimeError("the scheduler never came up:\n" + tail(self.log_path))
                 time.sleep(0.05)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The running process, e.g. to signal it; None before start and after stop."""
+        return self._process
 
     def stop(self) -> None:
         if self._process is not None:
