@@ -217,9 +217,11 @@ end
 local names = {}
 for _, s in ipairs(tpm_scopes) do
   local key, counts = P .. 'tpm' .. s[3], P .. 'tpm_tokens' .. s[3]
+  -- Idempotent for a member: the same call run twice (a retried command) counts it once.
+  local before = tonumber(redis.call('HGET', counts, member)) or 0
   redis.call('ZADD', key, now, member)
   redis.call('HSET', counts, member, tokens)
-  redis.call('HINCRBY', counts, '_sum', tokens)
+  redis.call('HINCRBY', counts, '_sum', tokens - before)
   redis.call('PEXPIRE', key, window)
   redis.call('PEXPIRE', counts, window)
   table.insert(names, s[1])

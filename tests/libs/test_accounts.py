@@ -288,3 +288,16 @@ async def test_a_free_request_reserves_and_releases_nothing(client: redis.Redis)
     assert (await admit(accounts, "free", worst=0)).accepted
     assert await accounts.release("acme", "free") is True
     assert await spent_and_reserved(accounts) == (0, 0)
+
+
+async def test_an_admission_run_twice_counts_its_tokens_once(client: redis.Redis) -> None:
+    """A command whose connection broke after Redis ran it is retried (libs/server.open_redis):
+    the same admission, same window member, must not count its tokens twice."""
+    accounts = Accounts(client)
+    await accounts.set_limits("acme", TenantLimits(overall=Limits(tpm=250)))
+    assert (await admit(accounts, "r1", tokens=100)).outcome == "admitted"
+    assert (await admit(accounts, "r1", tokens=100)).outcome == "reused"
+
+    # 100 of 250 tokens are used, not 200: a request of 150 still fits.
+    assert (await admit(accounts, "r2", tokens=150)).outcome == "admitted"
+    assert (await admit(accounts, "r3", tokens=1)).outcome == "tpm"
