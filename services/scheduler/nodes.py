@@ -40,10 +40,12 @@ from typing import Protocol
 import grpc
 import httpx
 import tritonclient.grpc.aio as triton
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment, Pool
 from libs.errors import ShepherdError
+from libs.peers import RECONNECT_OPTIONS
 from libs.tasks import log_failure, supervise
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 
@@ -237,7 +239,24 @@ ClientFactory = Callable[[str], triton.InferenceServerClient]
 
 
 def default_client(address: str) -> triton.InferenceServerClient:
-    return triton.InferenceServerClient(url=address)
+    """A Triton client whose channel reconnects within about a second of a node's restart.
+
+    tritonclient replaces all its channel options when given any, so its own defaults
+    (unlimited message sizes, keepalive) are repeated here.
+    """
+    keepalive = KeepAliveOptions()
+    return triton.InferenceServerClient(
+        url=address,
+        channel_args=[
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            *RECONNECT_OPTIONS,
+        ],
+    )
 
 
 class NodePool:

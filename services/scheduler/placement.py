@@ -179,6 +179,14 @@ class Placer:
                 node.models[name].last_used = time.monotonic()
                 self._record(node, name, LOAD, reason, started)
         finally:
+            # A load that ended any other way (a client bug, cancellation at shutdown) must not
+            # leave the model LOADING for ever, a state no request would ever be placed on.
+            entry = node.models.get(name)
+            if entry is not None and entry.state is ModelState.LOADING:
+                node.models.pop(name, None)
+                self._backoff[(node.address, name)] = (
+                    time.monotonic() + self._config.failed_load_backoff_s
+                )
             pool.pump()
 
     async def _unload(self, node: Node, victim: ModelOnNode, reason: str) -> bool:
