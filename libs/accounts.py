@@ -244,13 +244,15 @@ return {'admitted'}
 )
 
 # KEYS[1] = the ledger entry. ARGV: prefix, request id, fingerprint, model, deployment,
-# prompt tokens, completion tokens, cost, cache hit (0/1), now ms, day, month, retention s.
+# prompt tokens, completion tokens, cost, cache hit (0/1), now ms, day, month, retention s,
+# coalesced (0/1).
 _RECORD = (
     _PRELUDE
     + """
 local id, fp, model = ARGV[2], ARGV[3], ARGV[4]
 local prompt, completion, cost = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local hit = tonumber(ARGV[9])
+local coalesced = ARGV[14] == '1' and 1 or 0
 local entry = KEYS[1]
 -- Validate everything before the first write: a script that fails half-way leaves what it
 -- wrote (Redis does not roll back), and partial aggregates would poison every later report.
@@ -284,7 +286,8 @@ if lease then
 end
 redis.call('HSET', entry, 'fingerprint', fp, 'model', model, 'deployment', ARGV[5],
   'prompt_tokens', prompt, 'completion_tokens', completion, 'cost_nano', cost,
-  'cache_hit', hit, 'capped', capped, 'recorded_at', ARGV[10], 'day', day)
+  'cache_hit', hit, 'capped', capped, 'recorded_at', ARGV[10], 'day', day,
+  'coalesced', coalesced)
 redis.call('EXPIRE', entry, tonumber(ARGV[13]))
 for _, agg in ipairs({P .. 'day:' .. day, P .. 'month:' .. month, P .. 'totals'}) do
   for _, prefix in ipairs({'', 'model:' .. model .. ':'}) do
@@ -293,6 +296,7 @@ for _, agg in ipairs({P .. 'day:' .. day, P .. 'month:' .. month, P .. 'totals'}
     redis.call('HINCRBY', agg, prefix .. 'completion_tokens', completion)
     redis.call('HINCRBY', agg, prefix .. 'cost_nano', cost)
     redis.call('HINCRBY', agg, prefix .. 'cache_hits', hit)
+    if coalesced == 1 then redis.call('HINCRBY', agg, prefix .. 'coalesced', 1) end
   end
 end
 return {'recorded', cost, tostring(capped)}
@@ -373,6 +377,7 @@ class Aggregate:
     cost_nano: int = 0
     cache_hits: int = 0
     reserved_nano: int = 0
+    coalesced: int = 0
 
 
 def _aggregates(raw: Mapping[bytes | str, bytes | str]) -> tuple[Aggregate, dict[str, Aggregate]]:
@@ -484,6 +489,7 @@ class Accounts:
         cache_hit: bool,
         now: dt.datetime,
         retention_s: int,
+        coalesced: bool = False,
     ) -> Recorded:
         """Bill one request once: ledger entry, lease settled, aggregates, token windows."""
         prefix = tenant_prefix(tenant)
@@ -503,6 +509,7 @@ class Accounts:
                 day_id(now),
                 month_id(now),
                 retention_s,
+                int(coalesced),
             ],
         )
         outcome, cost, capped = result[:3]

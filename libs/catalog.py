@@ -447,7 +447,8 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             max_output_tokens=int(merged.get("max_output_tokens", 4096)),
             batching=batching,
             queue=queue,
-            cache_ttl_s=int(merged.get("cache_ttl_s", 3600)),
+            # 0: the cache service's default (SHEPHERD_CACHE_TTL_S).
+            cache_ttl_s=int(merged.get("cache_ttl_s", 0)),
             deployments=tuple(deployments),
             cache_scope=cache_scope,  # type: ignore[arg-type]
         )

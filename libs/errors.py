@@ -161,3 +161,11 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str
         f"internal error in {method}; see the service logs for trace id {trace_id}",
     )
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status code with this number (as carried inside messages); UNKNOWN if none."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)

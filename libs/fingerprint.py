@@ -49,4 +49,5 @@ def is_cacheable(policy: int, params: common_pb2.GenerationParams) -> bool:
         return False
     if policy == common_pb2.CACHE_POLICY_ALWAYS:
         return True
-    return params.temperature == 0.0
+    # Deterministic work only: greedy decoding, or sampling with a seed the caller fixed.
+    return params.temperature == 0.0 or params.HasField("seed")

@@ -37,6 +37,7 @@ class UsageEntry:
     cache_hit: bool
     recorded_at: dt.datetime
     fingerprint: str = ""
+    coalesced: bool = False  # shared from an identical request in flight: a cache hit
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Ledger:
             cache_hit=entry.cache_hit,
             now=entry.recorded_at,
             retention_s=self._retention_s,
+            coalesced=entry.coalesced,
         )
 
     async def tenant_totals(self, tenant: str) -> TenantTotals:

@@ -151,6 +151,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             cache_hit=request.cache_hit,
             recorded_at=utc_now(),
             fingerprint=request.fingerprint,
+            coalesced=request.coalesced and request.cache_hit,
         )
         try:
             recorded = await self._ledger.record(entry)
@@ -192,6 +193,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             requests=totals.overall.requests,
             usage=usage_of(totals.overall),
             cost=common_pb2.Money(nano_usd=totals.overall.cost_nano),
+            coalesced=totals.overall.coalesced,
             models=[
                 billing_pb2.ModelUsage(
                     model=name,
@@ -199,6 +201,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                     usage=usage_of(t),
                     cost=common_pb2.Money(nano_usd=t.cost_nano),
                     cache_hits=t.cache_hits,
+                    coalesced=t.coalesced,
                 )
                 for name, t in sorted(totals.models.items())
             ],

@@ -28,6 +28,9 @@ class CacheConfig:
     redis_url: str
     redis_timeout_s: float
     default_ttl_s: int
+    # How long a leader's lease lasts unless renewed: how long followers of a leader that
+    # died wait before one of them takes over (services/cache/flights.py).
+    lease_ms: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CacheConfig:
@@ -42,4 +45,5 @@ class CacheConfig:
                 "SHEPHERD_CACHE_REDIS_TIMEOUT_S", 0.25, minimum=0.01, env=env
             ),
             default_ttl_s=env_int("SHEPHERD_CACHE_TTL_S", 3600, minimum=1, env=env),
+            lease_ms=env_int("SHEPHERD_CACHE_LEASE_MS", 5_000, minimum=100, env=env),
         )

@@ -21,7 +21,7 @@ class ResponseStore:
 
     def __init__(self, client: redis.Redis, default_ttl_s: int) -> None:
         self._client = client
-        self._default_ttl_s = default_ttl_s
+        self.default_ttl_s = default_ttl_s
 
     async def get(self, key: str) -> common_pb2.Completion | None:
         """Return the stored completion, or None on a miss or when Redis is unreachable."""
@@ -38,9 +38,24 @@ class ResponseStore:
         """Store a completion for ttl_s seconds (the default when 0); False if Redis failed."""
         try:
             await self._client.set(
-                key, completion.SerializeToString(), ex=ttl_s or self._default_ttl_s
+                key, completion.SerializeToString(), ex=ttl_s or self.default_ttl_s
             )
         except RedisError as error:
             _log.warning("cache store failed open", extra={"error": str(error)})
             return False
         return True
+
+    async def delete(self, keys: list[str]) -> int:
+        """Delete entries; raises RedisError (an operator's purge must say it failed)."""
+        return int(await self._client.unlink(*keys)) if keys else 0
+
+    async def delete_matching(self, pattern: str) -> int:
+        """Delete every entry whose key matches `pattern`, a thousand at a time."""
+        deleted = 0
+        batch: list[str] = []
+        async for key in self._client.scan_iter(match=pattern, count=1000):
+            batch.append(key.decode() if isinstance(key, bytes) else key)
+            if len(batch) >= 1000:
+                deleted += await self.delete(batch)
+                batch = []
+        return deleted + await self.delete(batch)

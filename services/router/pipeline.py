@@ -33,12 +33,13 @@ from shepherd.router.v1 import router_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Catalog, Model
-from libs.errors import ShepherdError, from_rpc_error
+from libs.errors import ShepherdError, from_rpc_error, status_code
 from libs.fingerprint import is_cacheable, request_fingerprint
 from libs.retry import RetryPolicy
 from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
+from services.router.flight import Leadership, trimmed_text
 from services.router.quota import Quota, Ticket
 from services.router.spool import UsageSpool
 from services.router.usage import UsageRecorder
@@ -98,6 +99,7 @@ class Ending:
     trace_id: str
     usage_estimated: bool = False
     seed: int | None = None  # what a sampled answer was generated with, to reproduce it
+    coalesced: bool = False  # shared from an identical request in flight (single-flight)
 
 
 ChatEvent = Text | Ending
@@ -186,15 +188,28 @@ class ChatPipeline:
             async for event in self._replay(chat, lookup.completion):
                 yield event
             return
+        if lookup.outcome == cache_pb2.LOOKUP_OUTCOME_FOLLOW:
+            async for event in self._follow(request, chat, lookup, deltas):
+                yield event
+            return
         async for event in self._generate(request, chat, lookup, deltas):
             yield event
 
     async def _replay(
-        self, chat: _Request, completion: common_pb2.Completion
+        self,
+        chat: _Request,
+        completion: common_pb2.Completion,
+        *,
+        coalesced: bool = False,
+        skip: int = 0,
     ) -> AsyncIterator[ChatEvent]:
-        """A cache hit, as a stream: the stored text, then the Ending at no cost."""
-        cost = await self._bill(chat, completion.usage, completion.placement, cache_hit=True)
-        yield Text(completion.text)
+        """A cache hit (or a leader's answer), as a stream: its text, then the Ending at no
+        cost. `skip` characters of the text were already sent to the caller."""
+        cost = await self._bill(
+            chat, completion.usage, completion.placement, cache_hit=True, coalesced=coalesced
+        )
+        rest, _ = trimmed_text(completion.text, skip)
+        yield Text(rest)
         yield self._ending(
             chat,
             FINISH_ENUM.get(completion.finish_reason, common_pb2.FINISH_REASON_STOP),
@@ -203,10 +218,126 @@ class ChatPipeline:
             completion.placement,
             cache_hit=True,
             seed=completion.seed if completion.HasField("seed") else None,
+            coalesced=coalesced,
         )
 
-    async def _generate(
+    async def _follow(
         self, request: ChatLike, chat: _Request, lookup: cache_pb2.LookupResponse, deltas: bool
+    ) -> AsyncIterator[ChatEvent]:
+        """Wait for the leader of an identical request and answer with its answer.
+
+        Text the leader publishes is forwarded as it comes (to a streaming caller). The
+        leader's completion is billed to this caller as a cache hit, flagged coalesced. A
+        leader that dies (its lease expires) or fails is taken over: a new lookup makes this
+        request the leader, a follower of another, or a hit; a leader's failure that is the
+        caller's fault (INVALID_ARGUMENT) is this request's too. A follower never waits past
+        half of what is left of its deadline: then it computes the answer itself.
+        """
+        sent = 0  # characters of text already sent to the caller
+        leader_failures = 0
+        while True:
+            budget = self._remaining(chat.deadline, self._config.default_timeout_s) / 2
+            result: common_pb2.Completion | cache_pb2.FollowEnd | None = None
+            try:
+                async for event in self._cache.Follow(
+                    cache_pb2.FollowRequest(key=lookup.key, tenant=chat.tenant), timeout=budget
+                ):
+                    if event.HasField("text"):
+                        if deltas:
+                            sent += len(event.text)
+                            yield Text(event.text)
+                    elif event.HasField("completion"):
+                        result = event.completion
+                        break
+                    else:
+                        result = event.end
+                        break
+            except grpc.aio.AioRpcError as error:
+                # Waited long enough, or the cache is down: compute the answer ourselves.
+                _log.info(
+                    "following failed; computing the answer", extra={"error": error.code().name}
+                )
+            except BaseException:
+                await self._quota.release(chat.ticket)
+                raise
+            if isinstance(result, common_pb2.Completion):
+                async for answer in self._replay(chat, result, coalesced=True, skip=sent):
+                    yield answer
+                return
+            if isinstance(result, cache_pb2.FollowEnd) and not result.lease_expired:
+                code = status_code(result.code)
+                leader_failures += 1
+                if code == grpc.StatusCode.INVALID_ARGUMENT or leader_failures > 1:
+                    await self._quota.release(chat.ticket)
+                    raise ShepherdError(code, result.message)
+            if result is None:
+                lookup = cache_pb2.LookupResponse(cacheable=True, key=lookup.key)
+            else:
+                try:
+                    lookup = await self._lookup(request, chat)
+                except BaseException:
+                    await self._quota.release(chat.ticket)
+                    raise
+                if lookup.hit:
+                    async for answer in self._replay(chat, lookup.completion, skip=sent):
+                        yield answer
+                    return
+                if lookup.outcome == cache_pb2.LOOKUP_OUTCOME_FOLLOW:
+                    continue
+            async for answer in self._generate(request, chat, lookup, deltas, skip=sent):
+                yield answer
+            return
+
+    async def _generate(
+        self,
+        request: ChatLike,
+        chat: _Request,
+        lookup: cache_pb2.LookupResponse,
+        deltas: bool,
+        *,
+        skip: int = 0,
+    ) -> AsyncIterator[ChatEvent]:
+        """Compute the answer; as the leader of a lease, share it with the followers.
+
+        `skip` characters of the answer were already sent to the caller (while it followed a
+        leader that then failed): they are not sent again.
+        """
+        leadership = None
+        if lookup.outcome == cache_pb2.LOOKUP_OUTCOME_LEAD:
+            leadership = Leadership(
+                self._cache,
+                lookup.key,
+                lookup.lease_token,
+                chat.tenant,
+                lookup.lease_ms,
+                publish=deltas,
+            )
+        try:
+            async for event in self._compute(request, chat, lookup, deltas, leadership):
+                if isinstance(event, Text) and skip:
+                    rest, skip = trimmed_text(event.text, skip)
+                    if not rest:
+                        continue
+                    event = Text(rest)
+                yield event
+        except ShepherdError as error:
+            if leadership is not None:
+                await asyncio.shield(leadership.abandon(error.code, error.message))
+            raise
+        finally:
+            if leadership is not None and not leadership.settled:
+                # The caller went away, or anything else ended the leader without an answer.
+                await asyncio.shield(
+                    leadership.abandon(grpc.StatusCode.CANCELLED, "the leader stopped early")
+                )
+
+    async def _compute(
+        self,
+        request: ChatLike,
+        chat: _Request,
+        lookup: cache_pb2.LookupResponse,
+        deltas: bool,
+        leadership: Leadership | None,
     ) -> AsyncIterator[ChatEvent]:
         """Stream from the scheduler, bill what was used, store a complete answer."""
         call = self._scheduler.InferStream(
@@ -232,6 +363,8 @@ class ChatPipeline:
                 if chunk.HasField("delta"):
                     parts.append(chunk.delta.text)
                     used = chunk.delta.usage
+                    if leadership is not None:
+                        leadership.publish(chunk.delta.text)
                     yield Text(chunk.delta.text)
                 else:
                     final = chunk.final
@@ -276,7 +409,8 @@ class ChatPipeline:
             )
         cost = await self._bill(chat, final.usage, final.placement, cache_hit=False)
         seed = final.seed if final.HasField("seed") else None
-        if lookup.cacheable and final.finish_reason in _CACHEABLE_ENDINGS:
+        keep = lookup.cacheable and final.finish_reason in _CACHEABLE_ENDINGS
+        if keep or leadership is not None:
             completion = common_pb2.Completion(
                 text="".join(parts),
                 finish_reason=FINISH_TEXT[final.finish_reason],
@@ -284,7 +418,11 @@ class ChatPipeline:
                 placement=final.placement,
                 seed=seed,
             )
-            await self._store(chat, lookup.key, completion)
+            if leadership is not None:
+                # An answer that may not be cached (e.g. filtered) still goes to followers.
+                await leadership.finish(completion, keep=keep, ttl_s=chat.model.cache_ttl_s)
+            else:
+                await self._store(chat, lookup.key, completion)
         yield self._ending(
             chat,
             final.finish_reason,
@@ -307,6 +445,7 @@ class ChatPipeline:
         cache_hit: bool,
         estimated: bool = False,
         seed: int | None = None,
+        coalesced: bool = False,
     ) -> Ending:
         return Ending(
             request_id=chat.request_id,
@@ -319,6 +458,7 @@ class ChatPipeline:
             trace_id=current_trace_id(),
             usage_estimated=estimated,
             seed=seed,
+            coalesced=coalesced,
         )
 
     async def _lookup(self, request: ChatLike, chat: _Request) -> cache_pb2.LookupResponse:
@@ -366,6 +506,7 @@ class ChatPipeline:
         placement: common_pb2.Placement,
         *,
         cache_hit: bool,
+        coalesced: bool = False,
     ) -> common_pb2.Money:
         """Record usage, retrying briefly: the ledger is idempotent on (tenant, request_id)."""
         record = billing_pb2.RecordUsageRequest(
@@ -375,6 +516,7 @@ class ChatPipeline:
             deployment=placement.deployment,
             usage=used,
             cache_hit=cache_hit,
+            coalesced=coalesced,
             fingerprint=chat.fingerprint,
             # Records go to billing in groups: each carries its own request's trace.
             traceparent=dict(trace_metadata()).get("traceparent", ""),

@@ -34,6 +34,7 @@ def _final(ending: Ending) -> router_pb2.ChatFinal:
         trace_id=ending.trace_id,
         usage_estimated=ending.usage_estimated,
         seed=ending.seed,
+        coalesced=ending.coalesced,
     )
 
 
@@ -78,6 +79,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             cache_hit=ending.cache_hit,
             trace_id=ending.trace_id,
             seed=ending.seed,
+            coalesced=ending.coalesced,
         )
 
     async def ChatStream(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 
-from libs.errors import ShepherdError, from_rpc_error
+from libs.errors import ShepherdError, from_rpc_error, status_code
 
 _log = logging.getLogger(__name__)
 
@@ -114,12 +114,8 @@ class UsageRecorder:
             if outcome.HasField("recorded"):
                 _settle(pending, outcome.recorded)
             else:
-                code = _CODES.get(outcome.failure.code, grpc.StatusCode.UNKNOWN)
+                code = status_code(outcome.failure.code)
                 _settle(pending, ShepherdError(code, outcome.failure.message))
-
-
-# gRPC status codes by number, for failures billing reports inside a batch.
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _settle(pending: _Pending, result: billing_pb2.RecordUsageResponse | ShepherdError) -> None:

@@ -13,29 +13,13 @@ import redis.asyncio as redis
 from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
 from shepherd.common.v1 import common_pb2
 
-from deploy.local.ports import free_port
-from libs.catalog import load_catalog
-from libs.config import DEFAULT_CATALOG
-from libs.gate import ServiceGate
-from services.cache.servicer import CacheServicer
-from services.cache.store import ResponseStore
+from tests.support.cache import cache_service
 
 
 @pytest.fixture
 async def stub(client: redis.Redis) -> AsyncIterator[cache_pb2_grpc.CacheServiceStub]:
-    server = grpc.aio.server(interceptors=[ServiceGate()])
-    cache_pb2_grpc.add_CacheServiceServicer_to_server(
-        CacheServicer(load_catalog(DEFAULT_CATALOG), ResponseStore(client, default_ttl_s=60)),
-        server,
-    )
-    port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield cache_pb2_grpc.CacheServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
+    async with cache_service(client) as (stub, _):
+        yield stub
 
 
 def lookup(
@@ -102,5 +86,5 @@ async def test_a_huge_foreign_namespace_is_refused_readably(
         await stub.Store(cache_pb2.StoreRequest(key=key, tenant="acme"), timeout=5)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     details = refused.value.details() or ""
-    assert details.startswith("tenant 'acme' may not write to cache namespace 'tenant:xxx")
+    assert details.startswith("tenant 'acme' may not use cache namespace 'tenant:xxx")
     assert details.endswith("(shortened)")
