@@ -22,7 +22,7 @@ async def serve() -> None:
     client = open_redis(config.redis_url, config.redis_timeout_s)
     # Flight readers block on Redis streams: their own pool, with a timeout above the block.
     blocking = open_redis(config.redis_url, 2.0, max_connections=128)
-    flights = Flights(client, blocking, config.lease_ms)
+    flights = Flights(client, blocking, config.lease_ms, config.single_flight)
     stats = CacheStats(client)
     binding = Binding(
         add=cache_pb2_grpc.add_CacheServiceServicer_to_server,

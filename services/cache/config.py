@@ -10,6 +10,7 @@ from libs.config import (
     ServerConfig,
     TelemetryConfig,
     catalog_path,
+    env_bool,
     env_float,
     env_int,
     redis_url,
@@ -31,6 +32,8 @@ class CacheConfig:
     # How long a leader's lease lasts unless renewed: how long followers of a leader that
     # died wait before one of them takes over (services/cache/flights.py).
     lease_ms: int
+    # Whether identical requests in flight are coalesced at all (on by default).
+    single_flight: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CacheConfig:
@@ -46,4 +49,5 @@ class CacheConfig:
             ),
             default_ttl_s=env_int("SHEPHERD_CACHE_TTL_S", 3600, minimum=1, env=env),
             lease_ms=env_int("SHEPHERD_CACHE_LEASE_MS", 5_000, minimum=100, env=env),
+            single_flight=env_bool("SHEPHERD_CACHE_SINGLE_FLIGHT", True, env),
         )

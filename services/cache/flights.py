@@ -112,8 +112,11 @@ class Found:
 class Flights:
     """Leases, flight streams and the local fan-out of their events."""
 
-    def __init__(self, client: redis.Redis, blocking: redis.Redis, lease_ms: int) -> None:
+    def __init__(
+        self, client: redis.Redis, blocking: redis.Redis, lease_ms: int, enabled: bool = True
+    ) -> None:
         self._client = client
+        self.enabled = enabled
         self.blocking = blocking  # its own pool: readers hold a connection while they wait
         self.lease_ms = lease_ms
         self._lookup = client.register_script(_LOOKUP)
@@ -127,6 +130,7 @@ class Flights:
     async def lookup(self, key: str, lead: bool) -> Found:
         """The stored answer, or a lease (lead), or the leader to follow; raises RedisError."""
         token = secrets.token_hex(8)
+        lead = lead and self.enabled
         result = await self._lookup(
             keys=[key, lease_key(key)], args=[token, self.lease_ms, "1" if lead else "0"]
         )

@@ -209,7 +209,8 @@ class ChatPipeline:
             chat, completion.usage, completion.placement, cache_hit=True, coalesced=coalesced
         )
         rest, _ = trimmed_text(completion.text, skip)
-        yield Text(rest)
+        if rest or not skip:
+            yield Text(rest)
         yield self._ending(
             chat,
             FINISH_ENUM.get(completion.finish_reason, common_pb2.FINISH_REASON_STOP),

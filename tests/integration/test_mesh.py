@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -169,16 +170,27 @@ def test_repeated_deterministic_request_is_a_cache_hit(
     assert {m.model: m.cache_hits for m in totals.models} == {"shepherd-tiny": 1}
 
 
-def test_sampling_request_is_not_cached_unless_asked(
+def test_sampling_without_a_seed_is_not_cached_unless_asked(
     router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
 ) -> None:
     _, key = tenant
-    request = chat_request("tiny", f"sample me {uuid.uuid4().hex}", temperature=0.8, seed=7)
+    request = chat_request("tiny", f"sample me {uuid.uuid4().hex}", temperature=0.8)
     assert not router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S).cache_hit
     assert not router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S).cache_hit
     request.cache_policy = common_pb2.CACHE_POLICY_ALWAYS
     router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
     assert router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S).cache_hit
+
+
+def test_sampling_with_a_fixed_seed_is_deterministic_and_cached(
+    router: router_pb2_grpc.RouterServiceStub, tenant: tuple[str, str]
+) -> None:
+    _, key = tenant
+    request = chat_request("tiny", f"seeded {uuid.uuid4().hex}", temperature=0.8, seed=7)
+    first = router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
+    again = router.Chat(request, metadata=auth(key), timeout=TIMEOUT_S)
+    assert not first.cache_hit and again.cache_hit
+    assert again.text == first.text and again.seed == first.seed == 7
 
 
 def test_concurrent_requests_share_triton_executions(
@@ -202,7 +214,11 @@ def test_concurrent_requests_share_triton_executions(
         responses = list(
             pool.map(lambda r: router.Chat(r, metadata=auth(key), timeout=TIMEOUT_S), requests)
         )
-    inferences_after, executions_after = counts()
+    # Triton updates its statistics a moment after the last response leaves: wait for them.
+    give_up = time.monotonic() + 10
+    while (after := counts())[0] - inferences_before < 16 and time.monotonic() < give_up:
+        time.sleep(0.05)
+    inferences_after, executions_after = after
     triton.close()
 
     assert all(r.text for r in responses)
