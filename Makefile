@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor lint fmt clean
+	bench-gateway bench-grpc-floor bench-single-flight lint fmt clean
 
 all: gen
 
@@ -42,7 +42,8 @@ test: gen lint
 	$(BIN)/python -m pytest
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
-bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor
+bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
+	bench-single-flight
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -73,6 +74,11 @@ bench-gateway: gen
 # bidirectional stream message and a plain TCP echo: the floor under every hop of the mesh.
 bench-grpc-floor: gen
 	$(BIN)/python -m bench.grpc_floor
+
+# N identical requests at once with single-flight on and off (Triton inferences, p50/p99), and
+# what the lease adds to a miss nobody follows (target: at most 0.2 ms p50).
+bench-single-flight: gen
+	$(BIN)/python -m bench.single_flight $(ARGS)
 
 lint: gen
 	$(BIN)/ruff check .

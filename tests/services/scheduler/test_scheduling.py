@@ -39,6 +39,7 @@ from tests.support.scheduler import (
 
 HIGH, NORMAL, LOW = common_pb2.PRIORITY_HIGH, common_pb2.PRIORITY_NORMAL, common_pb2.PRIORITY_LOW
 BLOCKER_TOKENS = 256  # the most tiny_lm decodes: ~20x a 4-token request
+HURRY_S = 0.6  # a deadline far shorter than a long queue, long enough for a hosted call
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +360,9 @@ async def test_spill_over_to_the_hosted_api_unless_data_must_stay_self_hosted(
     blocker = await start_blocker(stub, "chat")
     # A long queue: one 256-token batch runs in only ~30 ms on an idle machine, so the queue
     # must hold far more than the deadline below, whenever the blocker happens to end (on a
-    # busy machine the client may still be sending when it does).
+    # busy machine the client may still be sending when it does). The deadline itself must
+    # leave the hosted call time to answer on a busy machine: 0.6 s against ~1.4 s of queue
+    # (more on a busy machine, where every batch takes longer too).
     queued = [
         asyncio.ensure_future(
             stub.Infer(
@@ -367,12 +370,12 @@ async def test_spill_over_to_the_hosted_api_unless_data_must_stay_self_hosted(
                 timeout=30,
             )
         )
-        for i in range(24)
+        for i in range(48)
     ]
-    await until(lambda: _depth_at_least(stub, "chat", 12))
+    await until(lambda: _depth_at_least(stub, "chat", 30))
 
-    # The GPU queue needs far longer than this request's 0.15 s: it runs on the hosted API.
-    spilled = await stub.Infer(infer_request("chat", request_id="hurry"), timeout=0.15)
+    # The GPU queue needs far longer than this request's 0.6 s: it runs on the hosted API.
+    spilled = await stub.Infer(infer_request("chat", request_id="hurry"), timeout=HURRY_S)
     placement = spilled.completion.placement
     assert placement.kind == common_pb2.BACKEND_KIND_HOSTED
     assert placement.spilled_over and placement.backend_model == "deepseek-v3.2"
@@ -383,7 +386,7 @@ async def test_spill_over_to_the_hosted_api_unless_data_must_stay_self_hosted(
         infer_request("chat", request_id="clinic", tenant="clinic"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.Infer(request, timeout=0.15)
+            await stub.Infer(request, timeout=HURRY_S)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "exceeds" in refused.value.details()
         assert retry_delay_s(refused.value) > 0
