@@ -67,7 +67,9 @@ class FuzzMesh:
 
 @pytest.fixture(scope="module")
 def fuzz_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzMesh]:
-    with running_mesh(tmp_path_factory) as mesh:
+    # Fuzzed lookups take single-flight leases they never settle: short leases keep fuzzed
+    # followers of them from waiting long.
+    with running_mesh(tmp_path_factory, extra_env={"SHEPHERD_CACHE_LEASE_MS": "300"}) as mesh:
         key = asyncio.run(issue_key_at(mesh.redis_url, FUZZ_TENANT))
         yield FuzzMesh(
             mesh=mesh,

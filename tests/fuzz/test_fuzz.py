@@ -283,8 +283,13 @@ PLAN = {
         Rpc(_SCHEDULER, "GetStats", 100, "internal", "admin"),
     ],
     "cache": [
-        Rpc(_CACHE, "Lookup", 600, "internal", "admin"),
-        Rpc(_CACHE, "Store", 400, "internal", "api_key"),
+        Rpc(_CACHE, "Lookup", 450, "internal", "admin"),
+        Rpc(_CACHE, "Store", 250, "internal", "api_key"),
+        Rpc(_CACHE, "Follow", 120, "internal", "api_key"),
+        Rpc(_CACHE, "Renew", 60, "internal", "admin"),
+        Rpc(_CACHE, "Abandon", 60, "internal", "api_key"),
+        Rpc(_CACHE, "GetStats", 30, "internal", "api_key"),
+        Rpc(_CACHE, "Purge", 30, "admin", "internal"),
     ],
     "billing": [
         Rpc(_BILLING, "RecordUsage", 300, "internal", "admin"),
