@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor lint fmt clean
+	bench-gateway bench-grpc-floor bench-soak lint fmt clean
 
 all: gen
 
@@ -42,7 +42,8 @@ test: gen lint
 	$(BIN)/python -m pytest
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
-bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor
+bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
+	bench-soak
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -73,6 +74,13 @@ bench-gateway: gen
 # bidirectional stream message and a plain TCP echo: the floor under every hop of the mesh.
 bench-grpc-floor: gen
 	$(BIN)/python -m bench.grpc_floor
+
+# A soak: 50,000 requests of a realistic mix through the whole local mesh, sampling every
+# service's RSS and Valkey's memory every 5,000 requests; reports growth per request, what Valkey
+# keeps for a production day, and checks the ledger against the answers (about 5-8 minutes;
+# SOAK_ARGS='--requests 100000' to change).
+bench-soak: gen
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 lint: gen
 	$(BIN)/ruff check .
