@@ -856,6 +856,26 @@ def markdown_rss(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_samples(samples: Sequence[Sample]) -> str:
+    """Every sample: the RSS of each process and Valkey's memory as the run went on."""
+    lines = [
+        "| requests | req/s | " + " | ".join(PROCESSES) + " | Valkey used_memory | Valkey keys |",
+        "|---:|---:|" + "---:|" * len(PROCESSES) + "---:|---:|",
+    ]
+    previous: Sample | None = None
+    for s in samples:
+        rps = "-"
+        if previous is not None and s.load_s > previous.load_s:
+            rps = f"{(s.requests - previous.requests) / (s.load_s - previous.load_s):.0f}"
+        cells = " | ".join(f"{s.rss_kib[p] / KIB:.1f}" for p in PROCESSES)
+        lines.append(
+            f"| {s.requests:,}{'' if s.label == 'sample' else f' ({s.label})'} | {rps} | {cells}"
+            f" | {s.valkey['used_memory'] / MIB:.1f} | {s.valkey['dbsize']:,} |"
+        )
+        previous = s
+    return "\n".join(lines)
+
+
 def _ttl(kind: Mapping[str, Any]) -> str:
     lo, hi = kind["ttl_min_s"], kind["ttl_max_s"]
     if hi is None:
@@ -1041,6 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     holds, lines = judge(derived.get("rss", []), derived.get("valkey"), run.ledger, tally)
     markdown = {"kinds": markdown_kinds(tally)}
     if derived:
+        markdown["samples"] = markdown_samples(run.samples)
         markdown["rss"] = markdown_rss(derived["rss"])
     if derived.get("valkey"):
         markdown["valkey"] = markdown_valkey(derived["valkey"])
@@ -1057,6 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     titles = {
         "kinds": "Requests by kind",
+        "samples": "Samples (RSS and used_memory in MiB)",
         "rss": "RSS per process (start = after the warm-up)",
         "valkey": "Valkey memory by key kind (per request after the warm-up)",
         "ledger": "Ledger against answers",
