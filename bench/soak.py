@@ -767,7 +767,7 @@ def valkey_summary(
             else None
         ),
     }
-    kinds = []
+    kinds: list[dict[str, Any]] = []
     for name in [*(n for n, _ in KEY_KINDS), OTHER]:
         a, b = start_census.get(name, KindCensus()), end_census.get(name, KindCensus())
         kinds.append(
