@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor bench-single-flight lint fmt clean
+	bench-gateway bench-grpc-floor bench-single-flight bench-soak lint fmt clean
 
 all: gen
 
@@ -43,7 +43,7 @@ test: gen lint
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
-	bench-single-flight
+	bench-single-flight bench-soak
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -78,7 +78,14 @@ bench-grpc-floor: gen
 # N identical requests at once with single-flight on and off (Triton inferences, p50/p99), and
 # what the lease adds to a miss nobody follows (target: at most 0.2 ms p50).
 bench-single-flight: gen
-	$(BIN)/python -m bench.single_flight $(ARGS)
+	$(BIN)/python -m bench.single_flight $(SINGLE_FLIGHT_ARGS)
+
+# A soak: 50,000 requests of a realistic mix through the whole local mesh, sampling every
+# service's RSS and Valkey's memory every 5,000 requests; reports growth per request, what Valkey
+# keeps for a production day, and checks the ledger against the answers (about 5-8 minutes;
+# SOAK_ARGS='--requests 100000' to change).
+bench-soak: gen
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 lint: gen
 	$(BIN)/ruff check .

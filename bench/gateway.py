@@ -92,6 +92,7 @@ from bench.streaming import (
     idle_cores,
     measure,
     mesh_with_simulator,
+    prepare_run_dir,
     summarise,
 )
 from deploy.local.launcher import LocalMesh
@@ -697,15 +698,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _prepare_run_dir(run_dir: Path) -> None:
-    marker = run_dir / ".bench-gateway"
-    if run_dir.exists() and any(run_dir.iterdir()) and not marker.exists():
-        raise BenchError(f"{run_dir} is not empty and not an earlier run's: give another --run-dir")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    marker.write_text("made by bench.gateway; emptied at the start of every run\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     output: Path = args.output.resolve()
@@ -714,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     load_before = os.getloadavg()
     began = time.monotonic()
-    _prepare_run_dir(run_dir)
+    prepare_run_dir(run_dir, "gateway")
     if args.profile:
         shutil.rmtree(args.profile_dir, ignore_errors=True)
 

@@ -1077,6 +1077,20 @@ async def idle_cores(pids: CpuMeter, seconds: float) -> dict[str, float]:
     return {k: round(v, 3) for k, v in used.items()}
 
 
+def prepare_run_dir(run_dir: Path, benchmark: str) -> None:
+    """Empty a benchmark's mesh directory for a new run, refusing one that is not its own.
+
+    A marker file says the directory was made by `bench.<benchmark>`, so a mistyped
+    --run-dir pointing at anything else is refused instead of deleted.
+    """
+    marker = run_dir / f".bench-{benchmark}"
+    if run_dir.exists() and any(run_dir.iterdir()) and not marker.exists():
+        raise BenchError(f"{run_dir} is not empty and not an earlier run's: give another --run-dir")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    marker.write_text(f"made by bench.{benchmark}; emptied at the start of every run\n")
+
+
 @contextlib.contextmanager
 def mesh_with_simulator(
     run_dir: Path, sim_latency_ms: float, extra_env: Mapping[str, str]
@@ -1261,12 +1275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: catalog_delay_ms(catalog, name)
         for name in (STREAM_MODEL, STREAM_MODEL_D0, HOSTED_MODEL, HOSTED_MODEL_D0)
     }
-    marker = run_dir / ".bench-streaming"
-    if run_dir.exists() and any(run_dir.iterdir()) and not marker.exists():
-        raise BenchError(f"{run_dir} is not empty and not an earlier run's: give another --run-dir")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    marker.write_text("made by bench.streaming; emptied at the start of every run\n")
+    prepare_run_dir(run_dir, "streaming")
     catalog_path = run_dir / "catalog.yaml"
     catalog_path.write_text(
         f"# Derived from {args.catalog} by bench.streaming: plus {STREAM_MODEL_D0} and"

@@ -333,7 +333,13 @@ class ModelQueue:
             self._idle[item.tenant] += delta
 
     def _tombstones(self) -> int:
-        return self._entries - self.depth
+        """Entries still held for requests that left: in the heaps, and in the arrival
+        deques. The deques are trimmed from the front only when the batcher asks for the
+        oldest arrival, and a batcher that never waits for company (a hosted model, an idle
+        backend) never asks: counted here, they are compacted like the heaps, else every
+        answered request would stay in memory for good."""
+        arrivals = max(len(self._arrivals), sum(len(a) for a in self._class_arrivals))
+        return max(self._entries, arrivals) - self.depth
 
     def _compact(self) -> None:
         for tenant in self._active.values():
