@@ -21,16 +21,17 @@ from libs.telemetry import trace_metadata
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
-# Reconnect within about a second of a peer coming back. gRPC's defaults (first retry after
-# 1 s, then x1.6 up to 120 s, each attempt given at least 20 s) leave a channel whose peer was
-# down for a minute waiting up to two more minutes, answering UNAVAILABLE all along. Attempts
-# every 0.1 s growing to 1 s (plus gRPC's 20 % jitter) cost a peer that is down one refused
-# TCP connect a second per channel; an attempt is given at least 1 s to connect, ample inside
-# a cluster. The scheduler's Triton clients use the same (services/scheduler/nodes.py).
+# Reconnect within half a second of a peer coming back, so that recovery, health poll
+# included, stays within a second. gRPC's defaults (first retry after 1 s, then x1.6 up to
+# 120 s, each attempt given at least 20 s) leave a channel whose peer was down for a minute
+# waiting up to two more minutes, answering UNAVAILABLE all along. Attempts every 0.1 s
+# growing to 0.5 s (plus gRPC's 20 % jitter) cost a peer that is down two refused TCP
+# connects a second per channel; an attempt is given at least 1 s to connect, ample inside a
+# cluster. The scheduler's Triton clients use the same (services/scheduler/nodes.py).
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 1_000),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 500),
 )
 _CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
