@@ -348,7 +348,10 @@ def test_readiness_timeout_error_is_clear(tmp_path: Path) -> None:
     assert "did not become ready within 0.0s" in message or "within 0.01" in message
     assert f"grpc {config.grpc_url}" in message
     # Every model of the shipped repository, which "none" mode loads, in name order.
-    assert "models not ready: echo_lm, tiny_lm, tiny_lm_stream" in message
+    assert (
+        "models not ready: echo_lm, embed_tiny, rag_prompt, rag_query, rag_tiny, tiny_lm,"
+        " tiny_lm_stream, vector_search" in message
+    )
     assert str(config.resolved_log_file) in message
 
 
