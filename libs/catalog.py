@@ -31,6 +31,8 @@ TOKENS_PER_PRICE_UNIT = 1_000_000
 MAX_PRICE_USD = Decimal(1_000_000)
 
 DeploymentKind = Literal["triton", "hosted"]
+# What a model does: answer chats (Chat, ChatStream) or embed texts (Embed).
+ModelTask = Literal["chat", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ class QueuePolicy:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One model an ensemble runs, and the GPU memory one loaded copy of it takes."""
+
+    model: str
+    memory_mb: int
+
+
+@dataclass(frozen=True)
 class Deployment:
     """One place a model can run: a Triton model on a node pool, or a hosted API model.
 
@@ -92,6 +102,15 @@ class Deployment:
     # one request per sequence, so each request is sent on its own, bounded by the pool's
     # max_inflight_batches per node.
     batching: Literal["scheduler", "engine"] = "scheduler"
+    # A Triton ensemble's composing models, in step order: Triton loads them with the ensemble
+    # (explicit model control), so placement needs room for those a node lacks, and never
+    # evicts one while a batch of the ensemble runs. `memory_mb` is the ensemble's own.
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def footprint_mb(self) -> int:
+        """The memory the deployment takes on a node that holds none of its models yet."""
+        return self.memory_mb + sum(step.memory_mb for step in self.steps)
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,11 @@ class Model:
     # "tenant": answers are cached per tenant (or tenant cache group), the safe default;
     # "shared": every tenant shares the family's answers, the seeds' "shared inference".
     cache_scope: CacheScope = "tenant"
+    # "chat" (Chat, ChatStream) or "embedding" (Embed, priced per input token).
+    task: ModelTask = "chat"
+    # Prompt tokens a deployment adds to each request's own (a RAG model's retrieved
+    # documents), at most: admission reserves them, since the backend counts and bills them.
+    context_tokens: int = 0
 
     @property
     def self_hosted(self) -> tuple[Deployment, ...]:
@@ -265,6 +289,29 @@ def _has_port(address: str) -> bool:
     return bool(host) and port.isdigit()
 
 
+def _steps(spec: Any, ensemble: str, where: str) -> tuple[Step, ...]:
+    """An ensemble's `steps`: a mapping of Triton model name to memory_mb, in step order."""
+    if spec is None:
+        return ()
+    if not isinstance(spec, Mapping) or not spec:
+        raise ConfigError(
+            f"{where}: a mapping of each composing Triton model to its memory_mb, in step order"
+            ", e.g. {embed_tiny: 128, tiny_lm: 512}"
+        )
+    steps = []
+    for name, memory in spec.items():
+        if not _is_name(str(name)) or str(name) == ensemble:
+            raise ConfigError(
+                f"{where}: {name!r} is not a Triton model name other than {ensemble!r}"
+            )
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+            raise ConfigError(
+                f"{where}.{name}: memory_mb must be a whole number >= 0, not {memory!r}"
+            )
+        steps.append(Step(str(name), memory))
+    return tuple(steps)
+
+
 def _env_name(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).upper()
 
@@ -366,13 +413,16 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     memory_mb=int(dep.get("memory_mb", 0)),
                     max_nodes=_positive(dep, "max_nodes", 1, dep_where),
                     batching=mode,  # type: ignore[arg-type]
+                    steps=_steps(dep.get("steps"), backend_model, f"{dep_where}.steps"),
                 )
-                if not 0 <= deployment.memory_mb <= pools[pool].gpu_memory_mb:
+                if not 0 <= deployment.footprint_mb <= pools[pool].gpu_memory_mb:
                     raise ConfigError(
-                        f"{dep_where}.memory_mb: {deployment.memory_mb} must fit in the "
-                        f"{pools[pool].gpu_memory_mb} MB of one node of pool {pool!r}"
+                        f"{dep_where}.memory_mb: {deployment.footprint_mb} (with its steps) must"
+                        f" fit in the {pools[pool].gpu_memory_mb} MB of one node of pool {pool!r}"
                     )
             elif kind == "hosted":
+                if "steps" in dep:
+                    raise ConfigError(f"{dep_where}.steps: only a Triton ensemble has steps")
                 provider = str(_require(dep, "provider", dep_where))
                 if provider not in providers:
                     raise ConfigError(f"{dep_where}: unknown provider {provider!r}")
@@ -422,6 +472,19 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
         )
         if queue.aging_s <= 0:
             raise ConfigError(f"{where}.queue.aging_s: must be above 0 seconds")
+        task = str(merged.get("task", "chat"))
+        if task not in ("chat", "embedding"):
+            raise ConfigError(f"{where}.task: 'chat' or 'embedding', not {task!r}")
+        context_tokens = int(merged.get("context_tokens", 0))
+        if context_tokens < 0:
+            raise ConfigError(f"{where}.context_tokens: must be at least 0, not {context_tokens}")
+        if task == "embedding" and any(d.kind != "triton" for d in deployments):
+            raise ConfigError(
+                f"{where}.deployments: an embedding model runs on Triton only (Shepherd does not"
+                " call hosted embedding APIs yet)"
+            )
+        if task == "embedding" and context_tokens:
+            raise ConfigError(f"{where}.context_tokens: an embedding model adds no context")
         cache_scope = str(merged.get("cache_scope", "tenant"))
         if cache_scope not in ("tenant", "shared"):
             raise ConfigError(
@@ -451,6 +514,8 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             cache_ttl_s=int(merged.get("cache_ttl_s", 0)),
             deployments=tuple(deployments),
             cache_scope=cache_scope,  # type: ignore[arg-type]
+            task=task,  # type: ignore[arg-type]
+            context_tokens=context_tokens,
         )
         models[name] = model
         for key in (name, *model.aliases):
@@ -461,9 +526,17 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                 )
             aliases[key] = name
     scopes: dict[str, tuple[str, CacheScope]] = {}
+    tasks: dict[str, Model] = {}
     for model in models.values():
         if ":" in model.family:
             raise ConfigError(f"models.{model.name}.family: {model.family!r} must not contain ':'")
+        other = tasks.setdefault(model.family, model)
+        if other.task != model.task:
+            raise ConfigError(
+                f"models.{model.name}.family: {model.family!r} is also the family of"
+                f" {other.name!r}, a {other.task} model; a family's cached answers are of one"
+                " kind, so chat and embedding models need families of their own"
+            )
         first = scopes.setdefault(model.family, (model.name, model.cache_scope))
         if first[1] != model.cache_scope:
             raise ConfigError(

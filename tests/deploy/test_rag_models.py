@@ -8,6 +8,7 @@ mode the scheduler places models in, and check each promise through tritonclient
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode
+from libs.catalog import load_catalog
+from libs.config import DEFAULT_CATALOG
 from services.scheduler.triton import render_prompt
 from tests.support.rag import (
     EMBEDDING_MODEL,
@@ -260,3 +263,16 @@ async def test_the_ensemble_retrieves_with_the_last_user_turn(node: TritonNode) 
             client_timeout=60,
         )
     assert result.as_numpy("DOC_IDS")[0][0].decode() == doc_id
+
+
+def test_the_catalog_reserves_for_the_most_context_the_ensemble_adds() -> None:
+    """Admission reserves `context_tokens` for the documents tiny_lm will count and bill."""
+    model = load_catalog(DEFAULT_CATALOG, env={}).resolve("shepherd-rag")
+    config = (DEFAULT_MODEL_REPOSITORY / SEARCH_MODEL / "config.pbtxt").read_text()
+    top_k = int(re.search(r'key: "top_k"\s*value: \{ string_value: "(\d+)" \}', config)[1])
+    lines = sorted(
+        (len(tiny_lm_tokenize(f"[{i}] {title}. {text}")) for i, title, text in corpus()),
+        reverse=True,
+    )
+    header = len(tiny_lm_tokenize(rag_prompt.assemble("", [], [])))
+    assert header + sum(lines[:top_k]) <= model.context_tokens

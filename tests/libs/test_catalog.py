@@ -515,3 +515,113 @@ def test_memory_check_uses_the_pools_own_node_size() -> None:
     data["models"]["alpha"]["deployments"] = [dict(TRITON, memory_mb=20_000)]
 
     assert parse_catalog(data, env={}).models["alpha"].deployments[0].memory_mb == 20_000
+
+
+# -- embeddings and ensembles ----------------------------------------------------------------
+
+STEPS = {"embed_lm": 128, "gen_lm": 512}
+
+
+def test_shipped_catalog_has_an_embedding_model_and_a_rag_ensemble() -> None:
+    catalog = load_catalog(DEFAULT_CATALOG, env={})
+
+    embed = catalog.resolve("embed")
+    assert (embed.name, embed.task, embed.family) == (
+        "shepherd-embed",
+        "embedding",
+        "shepherd-embed",
+    )
+    assert embed.price.input_nano_per_million == 10_000_000
+    assert embed.price.cost_nano(1_000_000, 0) == 10_000_000
+    rag = catalog.resolve("rag")
+    assert rag.task == "chat"
+    ensemble = rag.deployments[0]
+    assert ensemble.backend_model == "rag_tiny"
+    assert [s.model for s in ensemble.steps] == [
+        "rag_query",
+        "embed_tiny",
+        "vector_search",
+        "rag_prompt",
+        "tiny_lm",
+    ]
+    assert ensemble.footprint_mb == 8 + 8 + 128 + 64 + 8 + 512
+    # A step is declared with the memory its own deployment declares.
+    memory = {d.backend_model: d.memory_mb for m in catalog.models.values() for d in m.deployments}
+    assert all(memory.get(s.model, s.memory_mb) == s.memory_mb for s in ensemble.steps)
+    assert all(m.task == "chat" for m in catalog.models.values() if m is not embed)
+
+
+def test_an_ensemble_declares_its_steps_in_order_with_their_memory() -> None:
+    data = broken(
+        ("models", "alpha", "deployments"), [dict(TRITON, memory_mb=4, steps=STEPS), HOSTED]
+    )
+    data["models"]["alpha"]["context_tokens"] = 200
+
+    alpha = parse_catalog(data, env={}).models["alpha"]
+
+    assert [(s.model, s.memory_mb) for s in alpha.deployments[0].steps] == list(STEPS.items())
+    assert alpha.deployments[0].footprint_mb == 4 + 128 + 512
+    assert alpha.context_tokens == 200
+    assert parse_catalog(minimal(), env={}).models["alpha"].deployments[0].steps == ()
+    assert parse_catalog(minimal(), env={}).models["alpha"].context_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=["embed_lm"])]},
+            ["models.alpha.deployments[0].steps", "mapping", "memory_mb"],
+            id="steps-not-a-mapping",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps={"embed_lm": -1})]},
+            ["models.alpha.deployments[0].steps.embed_lm", "memory_mb", "-1"],
+            id="negative-step-memory",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps={"alpha_lm": 1})]},
+            ["models.alpha.deployments[0].steps", "'alpha_lm'"],
+            id="ensemble-is-its-own-step",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, memory_mb=16_000, steps={"embed_lm": 1000})]},
+            ["models.alpha.deployments[0].memory_mb", "17000", "with its steps", "16384"],
+            id="steps-do-not-fit",
+        ),
+        pytest.param(
+            {"deployments": [dict(HOSTED, steps={"embed_lm": 1})]},
+            ["models.alpha.deployments[0].steps", "only a Triton ensemble"],
+            id="hosted-with-steps",
+        ),
+        pytest.param(
+            {"task": "rerank"},
+            ["models.alpha.task", "'chat' or 'embedding'", "'rerank'"],
+            id="unknown-task",
+        ),
+        pytest.param(
+            {"task": "embedding", "deployments": [TRITON, HOSTED]},
+            ["models.alpha.deployments", "embedding model runs on Triton only"],
+            id="hosted-embeddings",
+        ),
+        pytest.param(
+            {"context_tokens": -5},
+            ["models.alpha.context_tokens", "at least 0"],
+            id="negative-context",
+        ),
+        pytest.param(
+            {"task": "embedding", "family": "beta"},
+            ["models.", "family", "'beta'", "chat and embedding models need families"],
+            id="embedding-shares-a-chat-family",
+        ),
+    ],
+)
+def test_invalid_embedding_and_ensemble_settings_name_the_location(
+    change: dict[str, Any], expected: list[str]
+) -> None:
+    data = copy.deepcopy(minimal())
+    data["models"]["alpha"].update(change)
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(data, env={})
+    for fragment in expected:
+        assert fragment in str(caught.value)
