@@ -44,8 +44,9 @@ SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
 DEV_TENANT = "dev"
 # The Triton models loaded when the node starts, so no first request waits for a load:
-# shepherd-tiny's, shepherd-tiny-stream's and shepherd-echo's (the gateway benchmark's).
-PRELOADED_MODELS = ("tiny_lm", "tiny_lm_stream", "echo_lm")
+# shepherd-tiny's, shepherd-tiny-stream's, shepherd-echo's (the gateway benchmark's),
+# shepherd-embed's and shepherd-rag's (the rag_tiny ensemble, which loads its steps with it).
+PRELOADED_MODELS = ("tiny_lm", "tiny_lm_stream", "echo_lm", "embed_tiny", "rag_tiny")
 # Requests per minute the launcher's provider simulator allows each key. The simulator's own
 # default (600, `python -m deploy.local.provider_sim --rpm`) is a realistic provider quota for
 # tests of 429 handling; a local mesh under a load test would trip it within a second, so the
@@ -403,7 +404,7 @@ def banner(mesh: LocalMesh) -> str:
         "",
         *(f"  {name:<10} {mesh.address(name)}" for name in reversed(SERVICES)),
         f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, explicit model control, "
-        "tiny_lm and echo_lm on CPU)",
+        "tiny_lm, echo_lm, embed_tiny and rag_tiny on CPU)",
         f"  {'hosted':<10} {hosted}",
         f"  {'redis':<10} {mesh.redis_url}",
         f"  {'logs':<10} {mesh.log_dir}",

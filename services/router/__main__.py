@@ -14,6 +14,7 @@ from libs.peers import open_channel
 from libs.server import Binding, main, open_redis, redis_probe, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
+from services.router.embeddings import EmbedPipeline
 from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
 from services.router.servicer import RouterServicer
@@ -47,7 +48,14 @@ async def serve() -> None:
         usage,
         spool,
     )
-    servicer = RouterServicer(config, catalog, authenticator, pipeline, billing_stub)
+    servicer = RouterServicer(
+        config,
+        catalog,
+        authenticator,
+        pipeline,
+        billing_stub,
+        embeddings=EmbedPipeline.beside(pipeline),
+    )
 
     async def close_spool() -> None:
         await spool.close(timeout_s=config.server.grace_s)

@@ -15,6 +15,12 @@ Two kinds of model honour that contract, and `TritonBackend` serves both as even
   with the text that step added, the cumulative token counts and FINISH_REASON ("" until the
   row is done). Cancelling the gRPC stream cancels the Triton request, and the model stops
   decoding.
+
+A chat model may also answer DOC_IDS [batch, k] (bytes): the documents a retrieval-augmented
+model (the rag_tiny ensemble) answered from, returned as Completion.document_ids. An ensemble
+(`platform: "ensemble"`) is one call like any model; its span names its steps. A model whose
+outputs include EMBEDDING follows the embedding contract instead (services/scheduler/
+embeddings.py).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ _tracer = trace.get_tracer(__name__)
 # is not among them: the node may have run the batch, and a retry could not finish in time.
 _NODE_DOWN = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 _OUTPUTS = ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+DOC_IDS = "DOC_IDS"  # optional: the documents a RAG model retrieved, per row
+EMBEDDING = "EMBEDDING"  # the output that makes a model an embedding model
 _ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -119,9 +127,14 @@ async def infer(
     deployment: Deployment,
     batch: Sequence[PendingRequest],
     timeout_s: float,
+    *,
+    steps: Sequence[str] = (),
+    outputs: Sequence[str] = _OUTPUTS,
 ) -> list[common_pb2.Completion | ShepherdError]:
     """Run the batch as one inference on one node and fan the rows back out.
 
+    `steps` are the composing models when the model is an ensemble (for the trace);
+    `outputs` the outputs to ask for (the four, and DOC_IDS where the model has it).
     Raises NodeUnavailable when the node is unreachable or refuses (worth one retry on another
     node), DEADLINE_EXCEEDED when it did not answer in time, INTERNAL for anything else.
     """
@@ -129,13 +142,15 @@ async def infer(
         span.set_attribute("shepherd.triton.node", address)
         span.set_attribute("shepherd.triton.model", deployment.backend_model)
         span.set_attribute("shepherd.batch.size", len(batch))
+        if steps:
+            span.set_attribute("shepherd.triton.ensemble_steps", list(steps))
         headers: dict[str, str] = {}
         propagate.inject(headers)
         try:
             result = await client.infer(
                 deployment.backend_model,
                 _inputs(batch),
-                outputs=[triton.InferRequestedOutput(name) for name in _OUTPUTS],
+                outputs=[triton.InferRequestedOutput(name) for name in outputs],
                 client_timeout=max(0.001, timeout_s),
                 headers=headers,
             )
@@ -150,6 +165,7 @@ async def infer(
     prompt_tokens = result.as_numpy("PROMPT_TOKENS").reshape(-1)
     completion_tokens = result.as_numpy("COMPLETION_TOKENS").reshape(-1)
     finish = result.as_numpy("FINISH_REASON").reshape(-1)
+    doc_ids = result.as_numpy(DOC_IDS) if DOC_IDS in outputs else None
     placement = _placement(address, deployment, len(batch))
     completions: list[common_pb2.Completion | ShepherdError] = []
     for row in range(len(batch)):
@@ -164,6 +180,7 @@ async def infer(
                     total_tokens=prompt + completion,
                 ),
                 placement=placement,
+                document_ids=[] if doc_ids is None else [d.decode() for d in doc_ids[row]],
             )
         )
     return completions
@@ -188,6 +205,11 @@ class TritonBackend:
 
     def __init__(self) -> None:
         self._decoupled: dict[tuple[str, str], bool] = {}
+        # What else the config says, per (node, model): an ensemble's steps, whether the
+        # model answers DOC_IDS, whether it is an embedding model.
+        self._steps: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._outputs: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._embedding: set[tuple[str, str]] = set()
 
     async def run(
         self, lease: Lease, batch: Sequence[PendingRequest]
@@ -206,7 +228,14 @@ class TritonBackend:
         if decoupled is None:
             decoupled = await self._lookup(lease, deadline - time.monotonic())
         try:
-            if decoupled:
+            if key in self._embedding:
+                # Imported here: embeddings.py builds on this module's helpers.
+                from services.scheduler.embeddings import embed
+
+                outcomes = await embed(
+                    lease.node.client, lease.address, deployment, batch, deadline - time.monotonic()
+                )
+            elif decoupled:
                 # aclosing: when our consumer closes us early, the stream is cancelled now,
                 # not whenever the inner generator happens to be collected.
                 stream = self._stream(lease, batch, deadline - time.monotonic())
@@ -214,9 +243,16 @@ class TritonBackend:
                     async for pair in events:
                         yield pair
                 return
-            outcomes = await infer(
-                lease.node.client, lease.address, deployment, batch, deadline - time.monotonic()
-            )
+            else:
+                outcomes = await infer(
+                    lease.node.client,
+                    lease.address,
+                    deployment,
+                    batch,
+                    deadline - time.monotonic(),
+                    steps=self._steps.get(key, ()),
+                    outputs=self._outputs.get(key, _OUTPUTS),
+                )
         except ShepherdError:
             self._decoupled.pop(key, None)
             raise
@@ -244,9 +280,24 @@ class TritonBackend:
                 lease.address,
                 f"Triton node {lease.address} failed model {model}: {error.message()}",
             ) from error
-        policy = config.get("config", {}).get("model_transaction_policy", {})
+        body = config.get("config", {})
+        policy = body.get("model_transaction_policy", {})
         decoupled = bool(policy.get("decoupled", False))
-        self._decoupled[(lease.address, model)] = decoupled
+        key = (lease.address, model)
+        names = {output.get("name") for output in body.get("output", [])}
+        self._outputs[key] = (*_OUTPUTS, DOC_IDS) if DOC_IDS in names else _OUTPUTS
+        self._embedding.discard(key)
+        if EMBEDDING in names:
+            self._embedding.add(key)
+        steps = body.get("ensemble_scheduling", {}).get("step", [])
+        self._steps[key] = tuple(str(step.get("model_name", "")) for step in steps)
+        declared = tuple(step.model for step in lease.deployment.steps)
+        if self._steps[key] and self._steps[key] != declared:
+            _log.warning(
+                "the catalog's steps differ from the ensemble's; placement counts the catalog's",
+                extra={"model": model, "catalog": declared, "triton": self._steps[key]},
+            )
+        self._decoupled[key] = decoupled
         return decoupled
 
     async def _stream(
