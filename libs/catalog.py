@@ -290,25 +290,32 @@ def _has_port(address: str) -> bool:
 
 
 def _steps(spec: Any, ensemble: str, where: str) -> tuple[Step, ...]:
-    """An ensemble's `steps`: a mapping of Triton model name to memory_mb, in step order."""
+    """An ensemble's `steps`: its composing Triton models in step order, each with memory_mb."""
     if spec is None:
         return ()
-    if not isinstance(spec, Mapping) or not spec:
+    if not isinstance(spec, list) or not spec:
         raise ConfigError(
-            f"{where}: a mapping of each composing Triton model to its memory_mb, in step order"
-            ", e.g. {embed_tiny: 128, tiny_lm: 512}"
+            f"{where}: a list of the ensemble's composing models in step order, each"
+            " {model: <Triton model>, memory_mb: <MB>}"
         )
     steps = []
-    for name, memory in spec.items():
-        if not _is_name(str(name)) or str(name) == ensemble:
+    for index, entry in enumerate(spec):
+        step_where = f"{where}[{index}]"
+        if not isinstance(entry, Mapping) or set(entry) - {"model", "memory_mb"}:
+            raise ConfigError(f"{step_where}: {{model: <Triton model>, memory_mb: <MB>}}")
+        name = str(_require(entry, "model", step_where))
+        if not _is_name(name) or name == ensemble:
             raise ConfigError(
-                f"{where}: {name!r} is not a Triton model name other than {ensemble!r}"
+                f"{step_where}.model: {name!r} is not a Triton model name other than {ensemble!r}"
             )
+        memory = entry.get("memory_mb", 0)
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
             raise ConfigError(
-                f"{where}.{name}: memory_mb must be a whole number >= 0, not {memory!r}"
+                f"{step_where}.memory_mb: must be a whole number >= 0, not {memory!r}"
             )
-        steps.append(Step(str(name), memory))
+        steps.append(Step(name, memory))
+    if len({step.model for step in steps}) != len(steps):
+        raise ConfigError(f"{where}: each composing model is listed once")
     return tuple(steps)
 
 

@@ -519,7 +519,7 @@ def test_memory_check_uses_the_pools_own_node_size() -> None:
 
 # -- embeddings and ensembles ----------------------------------------------------------------
 
-STEPS = {"embed_lm": 128, "gen_lm": 512}
+STEPS = [{"model": "embed_lm", "memory_mb": 128}, {"model": "gen_lm", "memory_mb": 512}]
 
 
 def test_shipped_catalog_has_an_embedding_model_and_a_rag_ensemble() -> None:
@@ -559,7 +559,10 @@ def test_an_ensemble_declares_its_steps_in_order_with_their_memory() -> None:
 
     alpha = parse_catalog(data, env={}).models["alpha"]
 
-    assert [(s.model, s.memory_mb) for s in alpha.deployments[0].steps] == list(STEPS.items())
+    assert [(s.model, s.memory_mb) for s in alpha.deployments[0].steps] == [
+        ("embed_lm", 128),
+        ("gen_lm", 512),
+    ]
     assert alpha.deployments[0].footprint_mb == 4 + 128 + 512
     assert alpha.context_tokens == 200
     assert parse_catalog(minimal(), env={}).models["alpha"].deployments[0].steps == ()
@@ -570,29 +573,43 @@ def test_an_ensemble_declares_its_steps_in_order_with_their_memory() -> None:
     ("change", "expected"),
     [
         pytest.param(
-            {"deployments": [dict(TRITON, steps=["embed_lm"])]},
-            ["models.alpha.deployments[0].steps", "mapping", "memory_mb"],
-            id="steps-not-a-mapping",
+            {"deployments": [dict(TRITON, steps={"embed_lm": 1})]},
+            ["models.alpha.deployments[0].steps", "list", "step order", "memory_mb"],
+            id="steps-not-a-list",
         ),
         pytest.param(
-            {"deployments": [dict(TRITON, steps={"embed_lm": -1})]},
-            ["models.alpha.deployments[0].steps.embed_lm", "memory_mb", "-1"],
+            {"deployments": [dict(TRITON, steps=[{"model": "embed_lm", "memory_mb": -1}])]},
+            ["models.alpha.deployments[0].steps[0].memory_mb", "-1"],
             id="negative-step-memory",
         ),
         pytest.param(
-            {"deployments": [dict(TRITON, steps={"alpha_lm": 1})]},
-            ["models.alpha.deployments[0].steps", "'alpha_lm'"],
+            {"deployments": [dict(TRITON, steps=[{"model": "alpha_lm", "memory_mb": 1}])]},
+            ["models.alpha.deployments[0].steps[0].model", "'alpha_lm'"],
             id="ensemble-is-its-own-step",
         ),
         pytest.param(
-            {"deployments": [dict(TRITON, memory_mb=16_000, steps={"embed_lm": 1000})]},
+            {
+                "deployments": [
+                    dict(TRITON, memory_mb=16_000, steps=[{"model": "e_lm", "memory_mb": 1000}])
+                ]
+            },
             ["models.alpha.deployments[0].memory_mb", "17000", "with its steps", "16384"],
             id="steps-do-not-fit",
         ),
         pytest.param(
-            {"deployments": [dict(HOSTED, steps={"embed_lm": 1})]},
+            {"deployments": [dict(HOSTED, steps=[{"model": "embed_lm"}])]},
             ["models.alpha.deployments[0].steps", "only a Triton ensemble"],
             id="hosted-with-steps",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=[{"model": "e_lm"}, {"model": "e_lm"}])]},
+            ["models.alpha.deployments[0].steps", "listed once"],
+            id="step-twice",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=[{"model": "e_lm", "gpu": 1}])]},
+            ["models.alpha.deployments[0].steps[0]", "{model: <Triton model>, memory_mb: <MB>}"],
+            id="unknown-step-key",
         ),
         pytest.param(
             {"task": "rerank"},

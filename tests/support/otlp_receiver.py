@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import (
@@ -18,6 +19,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2_grpc,
 )
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from deploy.local.ports import free_port
@@ -33,6 +35,20 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     links: tuple[tuple[str, str], ...]  # (trace id, span id) of each link
+    # (key, value) of each attribute; an array value is a tuple of its values.
+    attributes: tuple[tuple[str, Any], ...] = ()
+
+    def attribute(self, key: str) -> Any:
+        """The value of one attribute, or None when the span does not have it."""
+        return dict(self.attributes).get(key)
+
+
+def _value(value: AnyValue) -> Any:
+    """An attribute value as Python: str, int, float, bool, or a tuple for an array."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return tuple(_value(item) for item in value.array_value.values)
+    return getattr(value, kind) if kind else None
 
 
 def _service_name(resource: Resource) -> str:
@@ -60,6 +76,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                             span_id=span.span_id.hex(),
                             parent_span_id=span.parent_span_id.hex(),
                             links=tuple((lk.trace_id.hex(), lk.span_id.hex()) for lk in span.links),
+                            attributes=tuple((a.key, _value(a.value)) for a in span.attributes),
                         )
                     )
         self._receiver.add(received)

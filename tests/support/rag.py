@@ -36,6 +36,7 @@ vector_search = _load(
     "test_vector_search", DEFAULT_MODEL_REPOSITORY / "vector_search" / "1" / "model.py"
 )
 rag_prompt = _load("test_rag_prompt", DEFAULT_MODEL_REPOSITORY / "rag_prompt" / "1" / "model.py")
+rag_query = _load("test_rag_query", DEFAULT_MODEL_REPOSITORY / "rag_query" / "1" / "model.py")
 make_corpus = _load(
     "test_make_corpus", DEFAULT_MODEL_REPOSITORY / "vector_search" / "make_corpus.py"
 )
@@ -54,3 +55,12 @@ def first_sentence(text: str) -> str:
 def embedding_tokens(text: str) -> int:
     """The tokens embed_tiny counts (and Shepherd bills) for `text`."""
     return len(embed_tiny.split(text))
+
+
+def copy_ensemble(root: Path, name: str, generator: str) -> None:
+    """rag_tiny under another name in `root`, answering with the Triton model `generator`."""
+    config = (DEFAULT_MODEL_REPOSITORY / ENSEMBLE / "config.pbtxt").read_text()
+    config = config.replace(f'name: "{ENSEMBLE}"', f'name: "{name}"')
+    config = config.replace('model_name: "tiny_lm"', f'model_name: "{generator}"')
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(config)
