@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor bench-single-flight bench-soak lint fmt clean
+	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-embeddings lint fmt clean
 
 all: gen
 
@@ -43,7 +43,7 @@ test: gen lint
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
-	bench-single-flight bench-soak
+	bench-single-flight bench-soak bench-embeddings
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -86,6 +86,12 @@ bench-single-flight: gen
 # SOAK_ARGS='--requests 100000' to change).
 bench-soak: gen
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# Embedding throughput at concurrency 32: RouterService/Embed through the whole mesh against
+# calling Triton's embed_tiny directly, one row per call and in full batches (the ratio is the
+# headline); EMBEDDINGS_ARGS='--concurrency 64 --requests 5000' to change.
+bench-embeddings: gen
+	$(BIN)/python -m bench.embeddings $(EMBEDDINGS_ARGS)
 
 lint: gen
 	$(BIN)/ruff check .
