@@ -270,6 +270,18 @@ class ChatPipeline:
                 leader_failures += 1
                 if code == grpc.StatusCode.INVALID_ARGUMENT or leader_failures > 1:
                     await self._quota.release(chat.ticket)
+                    if sent:
+                        # Text reached the caller: the stream still ends with its final chunk
+                        # (nothing billed: the leader pays for what it generated).
+                        yield self._ending(
+                            chat,
+                            common_pb2.FINISH_REASON_ERROR,
+                            common_pb2.Usage(),
+                            common_pb2.Money(),
+                            common_pb2.Placement(),
+                            cache_hit=True,
+                            coalesced=True,
+                        )
                     raise ShepherdError(code, result.message)
             if result is None:
                 lookup = cache_pb2.LookupResponse(cacheable=True, key=lookup.key)
