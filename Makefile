@@ -12,7 +12,7 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge lint fmt clean
+	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge bench-http-stacks lint fmt clean
 
 all: gen
 
@@ -43,7 +43,7 @@ test: gen lint
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
-	bench-single-flight bench-soak bench-http-edge
+	bench-single-flight bench-soak bench-http-edge bench-http-stacks
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -92,6 +92,11 @@ bench-soak: gen
 # gRPC's); HTTP_EDGE_ARGS='--requests 4000' to change.
 bench-http-edge: gen
 	$(BIN)/python -m bench.http_edge $(HTTP_EDGE_ARGS)
+
+# The HTTP stacks the edge could run on (aiohttp, uvicorn with httptools, Starlette or h11),
+# and grpc.aio for scale: server CPU per request of the same handler, JSON and SSE.
+bench-http-stacks: gen
+	$(BIN)/python -m bench.http_stacks
 
 lint: gen
 	$(BIN)/ruff check .
