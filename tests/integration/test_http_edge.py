@@ -259,7 +259,9 @@ def test_a_passed_deadline_is_a_504_and_a_stream_still_gets_its_usage(
 ) -> None:
     _, key = tenant
     sdk = client(mesh, key)
-    deadline = {"x-shepherd-timeout-s": "1"}  # tiny-slow needs 3.2 s for 64 tokens
+    # The first request loads tiny-slow onto the node (it is not preloaded): not under a deadline.
+    sdk.chat.completions.create(model=SLOW_MODEL, messages=user(prompt("load")), max_tokens=1)
+    deadline = {"x-shepherd-timeout-s": "1.5"}  # tiny-slow needs 3.2 s for 64 tokens
     with pytest.raises(openai.InternalServerError) as caught:
         sdk.chat.completions.create(
             model=SLOW_MODEL, messages=user(prompt("late")), max_tokens=64, extra_headers=deadline
@@ -281,6 +283,23 @@ def test_a_passed_deadline_is_a_504_and_a_stream_still_gets_its_usage(
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert 0 < chunks[-1].usage.completion_tokens < 64
+
+
+def test_the_edges_own_errors_are_openai_json_too(mesh: LocalMesh, tenant: tuple[str, str]) -> None:
+    _, key = tenant
+    headers = {"authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=mesh.openai_base_url, headers=headers, timeout=TIMEOUT_S) as http:
+        unknown = http.post("/embeddings", json={"model": "tiny", "input": "x"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["message"] == "Invalid URL (POST /v1/embeddings)"
+        wrong_method = http.get("/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        not_json = http.post("/chat/completions", content=b"{not json")
+        assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
+        huge = {"model": "tiny", "messages": user("x" * (9 * 1024 * 1024))}
+        too_large = http.post("/chat/completions", json=huge)
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["code"] == "request_too_large"
 
 
 # -- the wire, and the same request either way -------------------------------------------------
