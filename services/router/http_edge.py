@@ -75,7 +75,7 @@ _log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
 # Messages may hold 256 x 200,000 characters (services/router/validation.py); a body past
-# this is refused with 413 before it is read.
+# this is refused with 413 (aiohttp stops reading it at the limit).
 MAX_BODY_BYTES = 8 * 1024 * 1024
 KEEPALIVE_S = 75.0
 JSON = "application/json"

@@ -260,10 +260,14 @@ def parse_chat(body: bytes, headers: Mapping[str, str], new_id: str) -> ChatCall
         value = data.get(name)
         if value is None:
             continue
-        if not _is_number(value):
-            violations.append((name, "must be a number"))
+        try:
+            number = float(value) if _is_number(value) else math.nan
+        except OverflowError:  # a whole number too large for a float
+            number = math.nan
+        if not math.isfinite(number):
+            violations.append((name, "must be a finite number"))
         else:
-            setattr(params, name, float(value))
+            setattr(params, name, number)
     seed = data.get("seed")
     if seed is not None:
         if not _is_int(seed) or not INT64[0] <= seed <= INT64[1]:
@@ -271,7 +275,7 @@ def parse_chat(body: bytes, headers: Mapping[str, str], new_id: str) -> ChatCall
         else:
             params.seed = seed
     n = data.get("n")
-    if n is not None and n != 1:
+    if n is not None and (not _is_int(n) or n != 1):
         violations.append(("n", "only n=1 is supported: send one request per answer you need"))
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):

@@ -118,6 +118,8 @@ def test_defaults_leave_the_grpc_defaults_and_pick_a_fresh_request_id() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
         ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"n": True}, "n"),
         ({"seed": 2**64}, "seed"),
         ({"stream": "yes"}, "stream"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
