@@ -18,6 +18,7 @@ from libs.config import DEFAULT_CATALOG
 from libs.credentials import AccessPolicy, Credentials
 from libs.gate import ServiceGate
 from services.billing.ledger import Ledger
+from services.billing.pools import PoolStore
 from services.billing.servicer import BillingServicer
 
 CREDENTIALS = Credentials(internal_tokens=("billing-test-token",))
@@ -28,7 +29,9 @@ class CountingBilling(BillingServicer):
     """The real servicer; it also remembers the size of each batch it was sent."""
 
     def __init__(self, client: redis.Redis) -> None:
-        super().__init__(load_catalog(DEFAULT_CATALOG), Ledger(Accounts(client), 86_400))
+        super().__init__(
+            load_catalog(DEFAULT_CATALOG), Ledger(Accounts(client), 86_400), PoolStore(client)
+        )
         self.batches: list[int] = []
 
     async def RecordUsageBatch(
