@@ -125,6 +125,9 @@ class Model:
     # "tenant": answers are cached per tenant (or tenant cache group), the safe default;
     # "shared": every tenant shares the family's answers, the seeds' "shared inference".
     cache_scope: CacheScope = "tenant"
+    # The hosted model whose price this model's self-hosted tokens are compared with in cost
+    # reports, when it names one; otherwise its own or its family's hosted deployment.
+    hosted_equivalent: str = ""
 
     @property
     def self_hosted(self) -> tuple[Deployment, ...]:
@@ -229,11 +232,17 @@ class Catalog:
         return self.cache_scopes.get(family, "tenant")
 
     def hosted_price(self, model: Model) -> Price | None:
-        """What the same tokens would cost on the hosted API: the price of the model's own
-        hosted deployment, else of a hosted deployment of another model of its family (a
-        self-hosted fine-tune compared with the hosted model it replaces); None if there is
-        none. A hosted deployment without a price of its own charges the model's price."""
-        candidates = [model, *(m for m in self.models.values() if m.family == model.family)]
+        """What the same tokens would cost on the hosted API: the price of the hosted model the
+        model names (`hosted_equivalent`), else of its own hosted deployment, else of a hosted
+        deployment of another model of its family (a self-hosted fine-tune compared with the
+        hosted model it replaces); None if there is none. A hosted deployment without a price
+        of its own charges its model's price."""
+        named = self.models.get(model.hosted_equivalent)
+        candidates = [
+            *([named] if named is not None else []),
+            model,
+            *(m for m in self.models.values() if m.family == model.family),
+        ]
         for candidate in candidates:
             for deployment in candidate.hosted:
                 return deployment.price or candidate.price
@@ -495,6 +504,7 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             cache_ttl_s=int(merged.get("cache_ttl_s", 0)),
             deployments=tuple(deployments),
             cache_scope=cache_scope,  # type: ignore[arg-type]
+            hosted_equivalent=str(merged.get("hosted_equivalent", "")),
         )
         models[name] = model
         for key in (name, *model.aliases):
@@ -504,6 +514,13 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     f"{where}: name or alias {key!r} is already used by {aliases[key]!r}"
                 )
             aliases[key] = name
+    for model in models.values():
+        named = models.get(model.hosted_equivalent)
+        if model.hosted_equivalent and (named is None or not named.hosted):
+            raise ConfigError(
+                f"models.{model.name}.hosted_equivalent: {model.hosted_equivalent!r} must be a"
+                " model of this catalog with a hosted deployment"
+            )
     scopes: dict[str, tuple[str, CacheScope]] = {}
     for model in models.values():
         if ":" in model.family:

@@ -590,3 +590,17 @@ def test_invalid_gpu_costs_name_the_location(
         parse_catalog(broken(path, value), env={})
     for fragment in expected:
         assert fragment in str(caught.value)
+
+
+def test_a_model_may_name_the_hosted_model_it_is_compared_with() -> None:
+    data = minimal()
+    data["models"]["alpha"]["hosted_equivalent"] = "beta"
+    catalog = parse_catalog(data, env={})
+    assert catalog.hosted_price(catalog.models["alpha"]) == catalog.models["beta"].price
+    shipped = load_catalog(DEFAULT_CATALOG, env={})
+    deepseek = shipped.models["deepseek-v3.2"].price
+    assert shipped.hosted_price(shipped.models["shepherd-tiny"]) == deepseek
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(broken(("models", "beta", "hosted_equivalent"), "alpha"), env={})
+    assert "models.beta.hosted_equivalent" in str(caught.value)
+    assert "with a hosted deployment" in str(caught.value)
