@@ -49,6 +49,7 @@ import tritonclient.grpc.aio as triton
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shepherd.billing.v1 import admin_pb2, admin_pb2_grpc
+from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from bench.batching import (
     BENCH_CREDENTIALS,
@@ -78,6 +79,7 @@ from deploy.local.triton import (
 )
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.config import DEFAULT_CATALOG, REPO_ROOT
+from libs.peers import PeerChannel
 
 ADMIN_KEY = "bench-admin-" + os.urandom(8).hex()
 REPORT_INTERVAL_S = 0.25
@@ -102,6 +104,7 @@ class Level:
     utilisation: float
     triton_compute_over_wall: float
     window_s: float
+    statistics_reads_per_batch: float
 
 
 class BillingProcess:
@@ -205,6 +208,20 @@ class PoolReport:
             at, figures = later_at, later
 
 
+async def metering(address: str) -> tuple[int, int]:
+    """The scheduler's (statistics reads, batches measured) over its nodes (GetStats)."""
+    async with PeerChannel(
+        grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS), BENCH_CREDENTIALS
+    ) as channel:
+        stats = await scheduler_pb2_grpc.SchedulerServiceStub(channel).GetStats(
+            scheduler_pb2.GetStatsRequest(), timeout=5
+        )
+    return (
+        sum(node.statistics_reads for node in stats.nodes),
+        sum(node.metered_batches for node in stats.nodes),
+    )
+
+
 async def triton_compute_ns(client: triton.InferenceServerClient) -> int:
     """tiny_lm's compute time as Triton reports it: input, infer and output of every
     execution (per batch size)."""
@@ -229,10 +246,13 @@ async def measure_level(
     await closed_loop(scheduler.address, concurrency, warmup, tag + "-w")
     started, before = await report.settled(latest=True)
     compute_before = await triton_compute_ns(client)
+    metered_before = await metering(scheduler.address)
     load = await closed_loop(scheduler.address, concurrency, requests, tag)
     scheduler.check_alive()
     ended, after = await report.settled(latest=False)
     compute = await triton_compute_ns(client) - compute_before
+    metered = await metering(scheduler.address)
+    reads, metered_batches = (metered[0] - metered_before[0], metered[1] - metered_before[1])
     window = ended - started
     busy = after.busy_gpu_us - before.busy_gpu_us
     capacity = after.capacity_gpu_us - before.capacity_gpu_us
@@ -253,6 +273,7 @@ async def measure_level(
         utilisation=round(busy / capacity, 4) if capacity else 0.0,
         triton_compute_over_wall=round(compute / 1000 / (window * 1e6), 4) if window else 0.0,
         window_s=round(window, 2),
+        statistics_reads_per_batch=round(reads / metered_batches, 2) if metered_batches else 0.0,
     )
 
 
@@ -287,8 +308,8 @@ async def read_cost(node: TritonNode, reads: int) -> dict[str, float]:
 
 HEADER = (
     "| conc | requests | errors | req/s | p50 ms | p99 ms | mean batch | executions "
-    "| batch fill | utilisation | Triton compute / wall | window s |\n"
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| batch fill | utilisation | Triton compute / wall | window s | reads / batch |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -301,7 +322,7 @@ def row(level: Level) -> str:
         f" | {show(level.latency_p50_ms, '.2f')} | {show(level.latency_p99_ms, '.2f')}"
         f" | {show(level.mean_batch, '.2f')} | {level.executions} | {level.batch_fill:.1%}"
         f" | {level.utilisation:.1%} | {level.triton_compute_over_wall:.1%}"
-        f" | {level.window_s:.2f} |"
+        f" | {level.window_s:.2f} | {level.statistics_reads_per_batch:.2f} |"
     )
 
 

@@ -85,9 +85,10 @@ async def serve() -> None:
         )
     else:
         _log.warning("SHEPHERD_BILLING_ADDR is not set: the pools' hourly usage is not kept")
+    triton = TritonBackend(usage)
     dispatcher = Dispatcher(
         pools,
-        TritonBackend(usage),
+        triton,
         HostedBackend(hosted_clients),
         stats,
         config.hosted_inflight_batches,
@@ -131,6 +132,7 @@ async def serve() -> None:
             pools,
             placers,
             config.default_timeout_s,
+            triton.metering,
         ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )

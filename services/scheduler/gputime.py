@@ -150,6 +150,7 @@ class ExecutionMeter:
         self._ns = 0  # attributed so far: batches' microseconds are cut from this running sum
         self.other_ns = 0
         self.reads = 0
+        self.batches = 0  # batches given their time by a read
         self._failing = False
 
     async def _read(self) -> dict[int, Execution]:
@@ -285,6 +286,7 @@ class ExecutionMeter:
                 served.append((batch, part))
         self._seen = dict(current)
         served.sort(key=lambda pair: pair[0].started)
+        self.batches += len(served)
         for batch, ns in served:
             us = (self._ns + ns) // 1000 - self._ns // 1000
             self._ns += ns

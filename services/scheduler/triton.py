@@ -222,6 +222,11 @@ class TritonBackend:
         self._batch_prefix = secrets.token_hex(4)
         self._batch_numbers = itertools.count(1)
 
+    def metering(self, address: str) -> tuple[int, int]:
+        """(statistics reads, batches measured) on one node since start-up, for GetStats."""
+        meters = [m for (node, _), m in self._meters.items() if node == address]
+        return sum(m.reads for m in meters), sum(m.batches for m in meters)
+
     async def close(self) -> None:
         """Stop every meter's reads; batches still waiting for their time get 0."""
         for meter in self._meters.values():
