@@ -9,6 +9,7 @@ one slot per pool, so the script touches one slot):
 
 - `hour:<unix hour>`: busy_gpu_us, wall_us, capacity_gpu_us, executions, rows and
   batch_slots of that UTC hour (hours since the epoch), kept for RETENTION_S;
+- `hours`: the hours that have figures (a sorted set), so a report reads only those;
 - `covered`: the moment (µs since the epoch) up to which the pool's wall time is counted;
 - `reporter:<id>`: the last report sequence recorded from one scheduler process (a day).
 
@@ -36,19 +37,33 @@ HOUR_US = 3_600_000_000
 RETENTION_S = 400 * 86_400
 REPORTER_TTL_S = 86_400
 MAX_DELTAS = 1_000
-# Far above anything real (a year of a million GPUs), and far inside int64 and a Lua double.
+# Far above anything real, and far inside int64 and a Lua double: one delta adds at most
+# 10^15 to a figure (an hour of wall time times MAX_GPUS is 3.6 * 10^14), so one report adds
+# at most 10^18.
 MAX_FIGURE = 10**15
+MAX_GPUS = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
-# KEYS[1] = the reporter's key, KEYS[2] = the pool's `covered` key. ARGV: prefix, sequence,
-# retention s, reporter ttl s, then per delta: unix hour, from µs, to µs, GPUs, busy GPU-µs,
-# executions, rows, batch slots (whole numbers, checked by the caller).
+# KEYS[1] = the reporter's key, KEYS[2] = the pool's `covered` key, KEYS[3] = its `hours`.
+# ARGV: prefix, sequence, retention s, reporter ttl s, then per delta: unix hour, from µs,
+# to µs, GPUs, busy GPU-µs, executions, rows, batch slots (whole numbers, checked by the
+# caller).
 _RECORD_POOL = """
 local P, seq = ARGV[1], tonumber(ARGV[2])
 if seq <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
 -- Lua numbers are doubles: every figure here is below 2^53, and written back as digits.
 local function digits(x) return string.format('%.0f', x) end
 local covered = tonumber(redis.call('GET', KEYS[2]) or '0')
+-- Check before the first write (Redis does not roll a script back): no figure may come near
+-- int64's end. One report adds at most 10^18 to a figure (checked by the caller), so a figure
+-- below 8 * 10^18 before it stays below int64's 9.2 * 10^18 after it.
+local names = {'wall_us', 'capacity_gpu_us', 'busy_gpu_us', 'executions', 'rows', 'batch_slots'}
+for i = 5, #ARGV, 8 do
+  local now = redis.call('HMGET', P .. 'hour:' .. ARGV[i], unpack(names))
+  for j = 1, #names do
+    if tonumber(now[j] or '0') >= 8e18 then return -1 end
+  end
+end
 for i = 5, #ARGV, 8 do
   local from, to, gpus = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local wall = to - math.max(from, covered)
@@ -62,7 +77,11 @@ for i = 5, #ARGV, 8 do
   redis.call('HINCRBY', key, 'rows', ARGV[i + 6])
   redis.call('HINCRBY', key, 'batch_slots', ARGV[i + 7])
   redis.call('EXPIRE', key, ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i])
 end
+local oldest = tonumber(ARGV[5]) - tonumber(ARGV[3]) / 3600
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. digits(oldest))
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], digits(covered), 'EX', ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
 return 1
@@ -135,12 +154,16 @@ def delta_violations(request: billing_pb2.RecordPoolUsageRequest) -> list[tuple[
             HOUR_US
         ):
             violations.append((f"{where}.to_unix_us", "the interval must lie within one hour"))
-        if not 0 <= delta.gpus <= 1_000_000:
-            violations.append((f"{where}.gpus", "must be between 0 and 1,000,000"))
+        if not 0 <= delta.gpus <= MAX_GPUS:
+            violations.append((f"{where}.gpus", f"must be between 0 and {MAX_GPUS:,}"))
         for name in ("busy_gpu_us", "executions", "rows", "batch_slots"):
             if not 0 <= getattr(delta, name) <= MAX_FIGURE:
                 violations.append((f"{where}.{name}", f"must be between 0 and {MAX_FIGURE:,}"))
     return violations
+
+
+class PoolFiguresFull(ValueError):
+    """A pool-hour's figures would overflow; nothing of that pool was written."""
 
 
 class PoolStore:
@@ -170,21 +193,32 @@ class PoolStore:
                     delta.rows,
                     delta.batch_slots,
                 ]
-            new = await self._record(
-                keys=[prefix + "reporter:" + request.reporter, prefix + "covered"], args=args
+            new = int(
+                await self._record(
+                    keys=[
+                        prefix + "reporter:" + request.reporter,
+                        prefix + "covered",
+                        prefix + "hours",
+                    ],
+                    args=args,
+                )
             )
+            if new < 0:
+                raise PoolFiguresFull(f"pool {pool!r}: an hour's figures would overflow")
             recorded = recorded or bool(new)
         return recorded
 
     async def hours(self, pool: str, hours: range) -> list[PoolHour]:
         """The pool's figures of each hour in `hours` that has any, in order."""
         prefix = pool_prefix(pool)
+        members = await self._client.zrangebyscore(prefix + "hours", hours.start, hours.stop - 1)
+        present = [int(hour) for hour in members if isinstance(hour, bytes | str)]
         async with self._client.pipeline(transaction=False) as pipe:
-            for hour in hours:
+            for hour in present:
                 pipe.hgetall(f"{prefix}hour:{hour}")
             raws = await pipe.execute()
         found = []
-        for hour, raw in zip(hours, raws, strict=True):
+        for hour, raw in zip(present, raws, strict=True):
             if raw:
                 values = {text(k): int(v) for k, v in raw.items()}
                 found.append(

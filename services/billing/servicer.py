@@ -17,7 +17,13 @@ from libs.errors import ShepherdError, invalid_argument
 from libs.telemetry import child_span
 from services.billing.costs import advice, bucket_pb, usage_of
 from services.billing.ledger import Ledger, UsageEntry, report_range
-from services.billing.pools import PoolStore, day_hours, delta_violations, total
+from services.billing.pools import (
+    PoolFiguresFull,
+    PoolStore,
+    day_hours,
+    delta_violations,
+    total,
+)
 
 TENANT_RULE = "is required: 1-64 letters, digits, '-' or '_'"
 
@@ -271,6 +277,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             raise invalid_argument(violations)
         try:
             recorded = await self._pools.record(request)
+        except PoolFiguresFull as error:
+            raise invalid_argument([("deltas", str(error))]) from error
         except RedisError as error:
             raise unreachable(error, "the pool usage store") from error
         return billing_pb2.RecordPoolUsageResponse(duplicate=not recorded)

@@ -359,3 +359,20 @@ async def test_the_advisor_finds_the_volume_where_self_hosting_beats_the_hosted_
     assert wins.break_even_tokens_per_month == 5_840_000_000_000 * 1_000_000 // 315_000_000
     assert wins.tokens_per_month == 2_000_000  # a 30-day report: its own volume
     assert "beats the hosted price above 18,539,682,539 tokens a month" in wins.verdict
+
+
+async def test_a_report_that_would_overflow_a_figure_writes_nothing(
+    servicers: tuple[BillingServicer, AdminServicer, Catalog], client: redis.Redis
+) -> None:
+    billing, admin, _ = servicers
+    h = hour_start(dt.datetime.now(dt.UTC))
+    await client.hset(f"shepherd:pool:{{gpu}}:hour:{h // HOUR_US}", "rows", 8 * 10**18)
+    await client.zadd("shepherd:pool:{gpu}:hours", {str(h // HOUR_US): h // HOUR_US})
+    report = billing_pb2.RecordPoolUsageRequest(
+        reporter="s", sequence=1, deltas=[delta("gpu", h, h + 10, gpus=1, rows=1)]
+    )
+    with pytest.raises(ShepherdError) as refused:
+        await billing.RecordPoolUsage(report, None)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    pools = await admin.GetPoolReport(admin_pb2.GetPoolReportRequest(pool="gpu"), None)
+    assert (pools.pools[0].rows, pools.pools[0].wall_us) == (8 * 10**18, 0)
