@@ -281,4 +281,4 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             raise invalid_argument([("deltas", str(error))]) from error
         except RedisError as error:
             raise unreachable(error, "the pool usage store") from error
-        return billing_pb2.RecordPoolUsageResponse(duplicate=not recorded)
+        return billing_pb2.RecordPoolUsageResponse(duplicate=bool(request.deltas) and not recorded)
