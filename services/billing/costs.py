@@ -6,8 +6,10 @@ and what it cost at the pool's price (summed per request, each rounded once when
 the prompt and completion tokens of the requests that ran on self-hosted nodes. The hosted
 equivalent is those tokens at the hosted price (`Catalog.hosted_price`: the model's own hosted
 deployment, else its family's), priced once over the bucket's tokens, so it equals tokens ×
-hosted price to the nano-dollar; savings are that minus the GPU cost. Cache hits count in
-neither: a hit costs nothing on either side.
+hosted price to the nano-dollar; savings are that minus the GPU cost. Both are left unset for
+a model that never runs self-hosted (its buckets have nothing to compare) and for one with
+nothing hosted to compare with. Cache hits count in neither: a hit costs nothing on either
+side.
 
 The advisor answers the seeds' question with this deployment's own numbers: above what monthly
 volume does self-hosting a model on its pool beat the hosted price? Self-hosting has a floor,
@@ -74,8 +76,9 @@ def bucket_pb(catalog: Catalog, bucket: Bucket) -> common_pb2.UsageBucket:
             total_tokens=usage.self_hosted_prompt_tokens + usage.self_hosted_completion_tokens,
         ),
     )
+    model = catalog.models.get(bucket.model)
     hosted = hosted_equivalent_nano(catalog, bucket.model, usage)
-    if hosted is not None:
+    if hosted is not None and (usage.self_hosted_requests or (model and model.self_hosted)):
         result.hosted_equivalent_cost.nano_usd = hosted
         result.savings.nano_usd = hosted - usage.gpu_cost_nano
     return result
