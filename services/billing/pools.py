@@ -100,8 +100,8 @@ def hour_name(hour: int) -> str:
 def day_hours(first: dt.date, last: dt.date) -> range:
     """The unix hours of the UTC days first to last, inclusive."""
     start = dt.datetime(first.year, first.month, first.day, tzinfo=dt.UTC)
-    end = dt.datetime(last.year, last.month, last.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
-    return range(int(start.timestamp()) // 3600, int(end.timestamp()) // 3600)
+    end = dt.datetime(last.year, last.month, last.day, tzinfo=dt.UTC)  # 9999-12-31 has no next
+    return range(int(start.timestamp()) // 3600, int(end.timestamp()) // 3600 + 24)
 
 
 @dataclass(frozen=True)

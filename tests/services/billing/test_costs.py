@@ -376,3 +376,15 @@ async def test_a_report_that_would_overflow_a_figure_writes_nothing(
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     pools = await admin.GetPoolReport(admin_pb2.GetPoolReportRequest(pool="gpu"), None)
     assert (pools.pools[0].rows, pools.pools[0].wall_us) == (8 * 10**18, 0)
+
+
+async def test_reports_reach_the_last_day_there_is(
+    servicers: tuple[BillingServicer, AdminServicer, Catalog],
+) -> None:
+    billing, admin, _ = servicers
+    for first in ("9999-12-31", "0001-01-01"):
+        request = {"start_day": first, "end_day": first}
+        usage = await billing.GetUsage(billing_pb2.GetUsageRequest(tenant="acme", **request), None)
+        assert list(usage.buckets) == []
+        pools = await admin.GetPoolReport(admin_pb2.GetPoolReportRequest(**request), None)
+        assert [p.pool for p in pools.pools] == ["gpu"]
