@@ -12,7 +12,8 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge bench-http-stacks lint fmt clean
+	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge bench-http-stacks \
+	bench-cost lint fmt clean
 
 all: gen
 
@@ -43,12 +44,18 @@ test: gen lint
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
-	bench-single-flight bench-soak bench-http-edge bench-http-stacks
+	bench-single-flight bench-soak bench-http-edge bench-http-stacks bench-cost
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
 bench-batching: gen
 	$(BIN)/python -m bench.batching
+
+# Batch fill and utilisation of tiny_lm's pool at concurrency 1, 8, 32, 64 from Shepherd's own
+# pool report (GPU time attributed from Triton's statistics), next to throughput; and what the
+# statistics read behind each batch's GPU time costs.
+bench-cost: gen
+	$(BIN)/python -m bench.cost
 
 # The CPU and Redis round trips that budgets and rate limits add per request, on a real Valkey.
 bench-quota: gen

@@ -386,6 +386,10 @@ def shepherd_fields(ending: Ending) -> dict[str, Any]:
             "node": placement.node,
             "batch_size": placement.batch_size,
             "spilled_over": placement.spilled_over,
+            # The GPU time this request used, its batch's, and the batch (Placement.gpu_us).
+            "gpu_us": placement.gpu_us,
+            "batch_gpu_us": placement.batch_gpu_us,
+            "batch_id": placement.batch_id,
         },
         "trace_id": ending.trace_id,
     }
@@ -404,7 +408,8 @@ def answer_headers(ending: Ending) -> dict[str, str]:
         "x-shepherd-placement": (
             f"deployment={placement.deployment}; backend={_BACKENDS.get(placement.kind, '')};"
             f" node={placement.node}; batch-size={placement.batch_size};"
-            f" spilled-over={'true' if placement.spilled_over else 'false'}"
+            f" spilled-over={'true' if placement.spilled_over else 'false'};"
+            f" gpu-us={placement.gpu_us}"
         ),
         "x-shepherd-cache-hit": "true" if ending.cache_hit else "false",
     }

@@ -460,6 +460,13 @@ class ChatPipeline:
         seed: int | None = None,
         coalesced: bool = False,
     ) -> Ending:
+        if cache_hit and placement.batch_id:
+            # A replayed answer ran on no GPU now: where it was computed, without its GPU time.
+            replayed = common_pb2.Placement()
+            replayed.CopyFrom(placement)
+            for name in ("gpu_us", "batch_gpu_us", "batch_id"):
+                replayed.ClearField(name)
+            placement = replayed
         return Ending(
             request_id=chat.request_id,
             model=chat.model.name,
@@ -530,6 +537,7 @@ class ChatPipeline:
             usage=used,
             cache_hit=cache_hit,
             coalesced=coalesced,
+            gpu_us=0 if cache_hit else placement.gpu_us,
             fingerprint=chat.fingerprint,
             # Records go to billing in groups: each carries its own request's trace.
             traceparent=dict(trace_metadata()).get("traceparent", ""),

@@ -208,6 +208,9 @@ class Lease:
         self.node = node
         self.deployment = deployment
         self._released = False
+        # The batch's time on the node, once released with one: the backend gives the slot
+        # back as soon as the node is done, before the answers go out.
+        self.latency_s: float | None = None
 
     @property
     def address(self) -> str:
@@ -218,6 +221,7 @@ class Lease:
         if self._released:
             return
         self._released = True
+        self.latency_s = latency_s
         self._pool.released(self, latency_s, failure)
 
 

@@ -65,6 +65,7 @@ EXPECTED_CALLS = {
     ("router", "scheduler", "grpc"),
     ("router", "cache", "grpc"),
     ("router", "billing", "grpc"),
+    ("scheduler", "billing", "grpc"),  # RecordPoolUsage
     ("router", "redis", "redis"),
     ("cache", "redis", "redis"),
     ("billing", "redis", "redis"),

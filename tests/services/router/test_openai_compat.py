@@ -250,7 +250,13 @@ def ending(reason: int = common_pb2.FINISH_REASON_STOP, seed: int | None = None)
         usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7),
         cost=common_pb2.Money(nano_usd=1234),
         placement=common_pb2.Placement(
-            deployment="local/tiny_lm", kind=common_pb2.BACKEND_KIND_TRITON, node="n1", batch_size=2
+            deployment="local/tiny_lm",
+            kind=common_pb2.BACKEND_KIND_TRITON,
+            node="n1",
+            batch_size=2,
+            gpu_us=1500,
+            batch_gpu_us=2900,
+            batch_id="b-7",
         ),
         cache_hit=False,
         trace_id="ab" * 16,
@@ -279,6 +285,9 @@ def test_an_answer_parses_as_the_sdks_chat_completion() -> None:
         "node": "n1",
         "batch_size": 2,
         "spilled_over": False,
+        "gpu_us": 1500,
+        "batch_gpu_us": 2900,
+        "batch_id": "b-7",
     }
 
 
