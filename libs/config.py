@@ -22,6 +22,9 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "cache": 50053,
     "billing": 50054,
 }
+# The router's OpenAI-compatible HTTP edge (services/router/http_edge.py), beside its gRPC port;
+# SHEPHERD_ROUTER_HTTP_PORT=0 turns it off.
+DEFAULT_ROUTER_HTTP_PORT = 8080
 
 
 class ConfigError(ValueError):

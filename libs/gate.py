@@ -125,6 +125,28 @@ async def _fail(
     await abort(context, error, method)
 
 
+def _single(behavior: Unary, method: str, inflight: InFlight) -> Unary:
+    """A servicer method that answers once, run in a span, its errors mapped, counted."""
+
+    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        inflight.enter()
+        try:
+            with server_span(method, context.invocation_metadata()) as span:
+                try:
+                    response = await behavior(request, context)
+                except asyncio.CancelledError:
+                    end_status(span, grpc.StatusCode.CANCELLED)
+                    raise
+                except Exception as error:
+                    await _fail(context, error, method, span)
+                end_status(span, context.code() or grpc.StatusCode.OK)
+                return response
+        finally:
+            inflight.leave()
+
+    return single
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str, inflight: InFlight) -> grpc.RpcMethodHandler:
     """`handler` with its servicer run inside a span and its errors mapped to statuses, and
     counted in `inflight` while it runs."""
@@ -133,25 +155,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, inflight: InFlight) -> gr
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        behavior: Unary = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            inflight.enter()
-            try:
-                with server_span(method, context.invocation_metadata()) as span:
-                    try:
-                        response = await behavior(request, context)
-                    except asyncio.CancelledError:
-                        end_status(span, grpc.StatusCode.CANCELLED)
-                        raise
-                    except Exception as error:
-                        await _fail(context, error, method, span)
-                    end_status(span, context.code() or grpc.StatusCode.OK)
-                    return response
-            finally:
-                inflight.leave()
-
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(
+            _single(handler.unary_unary, method, inflight), **kwargs
+        )
     if handler.unary_stream is not None:
         stream: Streaming = handler.unary_stream
 
@@ -174,7 +180,13 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, inflight: InFlight) -> gr
                 inflight.leave()
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-    return handler  # no client-streaming methods in Shepherd's contracts
+    if handler.stream_unary is not None:
+        # CacheService/Publish (a leader streams its text for its followers): the request is
+        # an iterator, the answer one message, so it is wrapped as a unary call is.
+        return grpc.stream_unary_rpc_method_handler(
+            _single(handler.stream_unary, method, inflight), **kwargs
+        )
+    return handler  # no bidirectional methods in Shepherd's contracts
 
 
 def refusal_handler(

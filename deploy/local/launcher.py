@@ -7,8 +7,9 @@ its own `python -m services.<name>` process. The services authenticate each othe
 service token made fresh for each run, and operators use an admin key made the same way
 (`SHEPHERD_INTERNAL_TOKEN` and `SHEPHERD_ADMIN_KEYS` from the environment win). It waits
 until every service reports SERVING on the standard health service, issues a fresh dev API
-key, and stops everything in reverse order on Ctrl-C or SIGTERM. Nothing listens anywhere but
-127.0.0.1.
+key, and stops everything in reverse order on Ctrl-C or SIGTERM. The router also serves the
+OpenAI-compatible HTTP API on its own port (8080 for `make run`, a free one in tests). Nothing
+listens anywhere but 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from deploy.local.provider_sim import SimProcess
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.apikeys import issue_key_at
-from libs.config import DEFAULT_PORTS, REPO_ROOT, env_int
+from libs.config import DEFAULT_PORTS, DEFAULT_ROUTER_HTTP_PORT, REPO_ROOT, env_int
 
 SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
@@ -60,6 +61,8 @@ class MeshConfig:
 
     run_dir: Path
     service_ports: Mapping[str, int]
+    # The router's OpenAI-compatible HTTP port; 0 leaves the HTTP edge off.
+    http_port: int = 0
     redis_url: str = ""  # empty: start a local Valkey server
     hosted_api_key: str = ""  # empty: start the provider simulator
     otlp_endpoint: str = ""
@@ -79,6 +82,9 @@ class MeshConfig:
                 name: env_int(f"SHEPHERD_{name.upper()}_PORT", port, minimum=1, maximum=65535)
                 for name, port in DEFAULT_PORTS.items()
             },
+            http_port=env_int(
+                "SHEPHERD_ROUTER_HTTP_PORT", DEFAULT_ROUTER_HTTP_PORT, minimum=0, maximum=65535
+            ),
             redis_url=os.environ.get("REDIS_URL", ""),
             hosted_api_key=os.environ.get("SHEPHERD_HOSTED_API_KEY", ""),
             otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
@@ -91,8 +97,14 @@ class MeshConfig:
     def ephemeral(cls, run_dir: Path, **kwargs: object) -> MeshConfig:
         """Tests: every port picked free at start."""
         # Distinct ports: free_port() in a loop can hand out the same port twice.
-        ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
-        return cls(run_dir=run_dir, service_ports=ports, **kwargs)  # type: ignore[arg-type]
+        *grpc_ports, http_port = free_ports(len(SERVICES) + 1)
+        ports = dict(zip(SERVICES, grpc_ports, strict=True))
+        return cls(
+            run_dir=run_dir,
+            service_ports=ports,
+            http_port=http_port,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
 
 class MeshStartError(RuntimeError):
@@ -106,6 +118,7 @@ class Replica:
     address: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    http_address: str = ""  # its OpenAI-compatible HTTP edge, when the mesh has one
 
 
 def wait_serving(
@@ -150,6 +163,16 @@ class LocalMesh:
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.config.service_ports[service]}"
 
+    @property
+    def http_address(self) -> str:
+        """The router's OpenAI-compatible HTTP edge, host:port ("" when it is off)."""
+        return f"127.0.0.1:{self.config.http_port}" if self.config.http_port else ""
+
+    @property
+    def openai_base_url(self) -> str:
+        """What an OpenAI client's `base_url` is set to for this mesh."""
+        return f"http://{self.http_address}/v1" if self.http_address else ""
+
     def service_env(self) -> dict[str, str]:
         """The environment every service process gets."""
         assert self.triton is not None
@@ -170,6 +193,8 @@ class LocalMesh:
             env["SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL"] = self.sim.base_url
         if self.config.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        # Always set: a router left to its default (8080) would collide with `make run`.
+        env["SHEPHERD_ROUTER_HTTP_PORT"] = str(self.config.http_port)
         # Each router replica keeps usage that billing cannot take yet in its own spool.
         env["SHEPHERD_ROUTER_SPOOL_DIR"] = str(self.spool_dir(self.config.service_ports["router"]))
         return env
@@ -246,7 +271,13 @@ class LocalMesh:
 
     def _check_ports_free(self) -> None:
         """Refuse at once, before starting anything, when a service port is taken."""
-        for name, port in self.config.service_ports.items():
+        ports = [
+            (name, f"SHEPHERD_{name.upper()}_PORT", port)
+            for name, port in self.config.service_ports.items()
+        ]
+        if self.config.http_port:
+            ports.append(("router HTTP", "SHEPHERD_ROUTER_HTTP_PORT", self.config.http_port))
+        for name, variable, port in ports:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 # A port left in TIME_WAIT by a mesh just stopped is free; a listener is not.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -255,7 +286,7 @@ class LocalMesh:
                 except OSError:
                     raise MeshStartError(
                         f"port {port} for the {name} service is in use: stop what holds it, or"
-                        f" set SHEPHERD_{name.upper()}_PORT to another port"
+                        f" set {variable} to another port"
                     ) from None
 
     def _wait_serving(self, name: str, deadline: float) -> None:
@@ -273,7 +304,8 @@ class LocalMesh:
         Every router replica is stateless: they share the scheduler, cache, billing and
         Redis, so budgets, limits and keys must hold across them (the tests check it).
         """
-        port = free_port()
+        port, http_port = free_ports(2)
+        http_port = http_port if self.config.http_port else 0
         address = f"127.0.0.1:{port}"
         log_path = self.log_dir / f"router-{port}.log"
         env = {
@@ -281,9 +313,15 @@ class LocalMesh:
             "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(port)),
             **(extra_env or {}),
             "SHEPHERD_ROUTER_PORT": str(port),
+            "SHEPHERD_ROUTER_HTTP_PORT": str(http_port),
         }
         proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=log_path)
-        replica = Replica(address=address, process=proc, log_path=log_path)
+        replica = Replica(
+            address=address,
+            process=proc,
+            log_path=log_path,
+            http_address=f"127.0.0.1:{http_port}" if http_port else "",
+        )
         self.replicas.append(replica)
         wait_serving("router replica", proc, address, log_path, time.monotonic() + 60.0)
         return replica
@@ -334,9 +372,14 @@ class LocalMesh:
                 **self.service_env(),
                 "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(int(old.address.rsplit(":")[1]))),
                 "SHEPHERD_ROUTER_PORT": old.address.rsplit(":")[1],
+                "SHEPHERD_ROUTER_HTTP_PORT": old.http_address.rsplit(":")[1]
+                if old.http_address
+                else "0",
             }
             proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=old.log_path)
-            self.replicas[self.replicas.index(old)] = Replica(old.address, proc, old.log_path)
+            self.replicas[self.replicas.index(old)] = Replica(
+                old.address, proc, old.log_path, old.http_address
+            )
             wait_serving("router replica", proc, old.address, old.log_path, deadline)
         return time.monotonic()
 
@@ -398,11 +441,17 @@ def banner(mesh: LocalMesh) -> str:
         else "the real hosted API (SHEPHERD_HOSTED_API_KEY is set)"
     )
     assert mesh.triton is not None
+    http = (
+        [f"  {'http':<10} {mesh.openai_base_url} (the router's OpenAI-compatible API)"]
+        if mesh.http_address
+        else []
+    )
     lines = [
         "",
         "Shepherd is up.",
         "",
         *(f"  {name:<10} {mesh.address(name)}" for name in reversed(SERVICES)),
+        *http,
         f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, explicit model control, "
         "tiny_lm, echo_lm, embed_tiny and rag_tiny on CPU)",
         f"  {'hosted':<10} {hosted}",
@@ -422,6 +471,7 @@ def banner(mesh: LocalMesh) -> str:
         f"    -d '{stream_body}' \\",
         f"    {router} shepherd.router.v1.RouterService/ChatStream",
         "",
+        *openai_examples(mesh),
         "Your usage by day and model, with your own key:",
         f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' -d '{{}}' \\",
         f"    {router} shepherd.router.v1.RouterService/GetUsage",
@@ -448,6 +498,33 @@ def banner(mesh: LocalMesh) -> str:
         "Press Ctrl-C to stop everything.",
     ]
     return "\n".join(lines)
+
+
+def openai_examples(mesh: LocalMesh) -> list[str]:
+    """The banner's HTTP lines: curl (a JSON answer, then a stream) and the openai SDK."""
+    if not mesh.http_address:
+        return []
+    url, key = mesh.openai_base_url, mesh.dev_api_key
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "Hello, Shepherd"}]}'
+    stream_body = (
+        '{"model": "tiny-stream", "stream": true,'
+        ' "messages": [{"role": "user", "content": "Hello, Shepherd"}]}'
+    )
+    sdk = (
+        f'import openai; client = openai.OpenAI(base_url="{url}", api_key="{key}");'
+        ' print(client.chat.completions.create(model="tiny",'
+        ' messages=[{"role": "user", "content": "Hello, Shepherd"}]).choices[0].message.content)'
+    )
+    return [
+        "The OpenAI-compatible HTTP API on the same mesh, with curl (add -i for the cost,",
+        "placement and trace id headers), streamed, and with the openai SDK:",
+        f"  curl -sS {url}/chat/completions -H 'authorization: Bearer {key}' \\",
+        f"    -H 'content-type: application/json' -d '{body}'",
+        f"  curl -sSN {url}/chat/completions -H 'authorization: Bearer {key}' \\",
+        f"    -H 'content-type: application/json' -d '{stream_body}'",
+        f"  {sys.executable} -c '{sdk}'",
+        "",
+    ]
 
 
 def main() -> int:

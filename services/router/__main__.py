@@ -15,6 +15,7 @@ from libs.server import Binding, main, open_redis, redis_probe, run_server, setu
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.embeddings import EmbedPipeline
+from services.router.http_edge import HttpEdge
 from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
 from services.router.servicer import RouterServicer
@@ -56,6 +57,12 @@ async def serve() -> None:
         billing_stub,
         embeddings=EmbedPipeline.beside(pipeline),
     )
+    # The OpenAI-compatible HTTP edge: the same pipeline, on the same event loop.
+    edges = (
+        [HttpEdge(config.server.host, config.http_port, pipeline, catalog, authenticator)]
+        if config.http_port
+        else []
+    )
 
     async def close_spool() -> None:
         await spool.close(timeout_s=config.server.grace_s)
@@ -76,6 +83,7 @@ async def serve() -> None:
         cleanups=[usage.close, close_spool, close_channels, redis_client.aclose],
         # API keys, budgets and rate limits are in Redis: without it no call can be admitted.
         readiness=[redis_probe(config.redis_url)],
+        edges=edges,
     )
 
 

@@ -290,6 +290,18 @@ class ChatPipeline:
                 leader_failures += 1
                 if code == grpc.StatusCode.INVALID_ARGUMENT or leader_failures > 1:
                     await self._quota.release(chat.ticket)
+                    if sent:
+                        # Text reached the caller: the stream still ends with its final chunk
+                        # (nothing billed: the leader pays for what it generated).
+                        yield self._ending(
+                            chat,
+                            common_pb2.FINISH_REASON_ERROR,
+                            common_pb2.Usage(),
+                            common_pb2.Money(),
+                            common_pb2.Placement(),
+                            cache_hit=True,
+                            coalesced=True,
+                        )
                     raise ShepherdError(code, result.message)
             if result is None:
                 lookup = cache_pb2.LookupResponse(cacheable=True, key=lookup.key)
@@ -472,6 +484,13 @@ class ChatPipeline:
         document_ids: Sequence[str] = (),
         embeddings: Sequence[common_pb2.Embedding] = (),
     ) -> Ending:
+        if cache_hit and placement.batch_id:
+            # A replayed answer ran on no GPU now: where it was computed, without its GPU time.
+            replayed = common_pb2.Placement()
+            replayed.CopyFrom(placement)
+            for name in ("gpu_us", "batch_gpu_us", "batch_id"):
+                replayed.ClearField(name)
+            placement = replayed
         return Ending(
             request_id=chat.request_id,
             model=chat.model.name,
@@ -544,6 +563,7 @@ class ChatPipeline:
             usage=used,
             cache_hit=cache_hit,
             coalesced=coalesced,
+            gpu_us=0 if cache_hit else placement.gpu_us,
             fingerprint=chat.fingerprint,
             # Records go to billing in groups: each carries its own request's trace.
             traceparent=dict(trace_metadata()).get("traceparent", ""),

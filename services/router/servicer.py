@@ -155,6 +155,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "billing") from error
+        # What the tenant's GPU time cost Shepherd, and what hosting it elsewhere would have,
+        # are the operator's figures (AdminService/GetTenantReport): a tenant sees its own
+        # GPU time, as its answers show it, and what it was billed.
+        for bucket in report.buckets:
+            for name in ("gpu_cost", "hosted_equivalent_cost", "savings"):
+                bucket.ClearField(name)
         return router_pb2.GetUsageResponse(
             tenant=tenant, buckets=report.buckets, total_cost=report.total_cost
         )

@@ -221,6 +221,9 @@ class Lease:
         # The copies the batch counts as in flight on: the model's, and an ensemble's steps.
         self.used = used
         self._released = False
+        # The batch's time on the node, once released with one: the backend gives the slot
+        # back as soon as the node is done, before the answers go out.
+        self.latency_s: float | None = None
 
     @property
     def address(self) -> str:
@@ -231,6 +234,7 @@ class Lease:
         if self._released:
             return
         self._released = True
+        self.latency_s = latency_s
         self._pool.released(self, latency_s, failure)
 
 

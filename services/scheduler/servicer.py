@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -103,6 +103,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         pools: Mapping[str, NodePool],
         placers: Sequence[Placer],
         default_timeout_s: float,
+        metering: Callable[[str], tuple[int, int]] | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -110,6 +111,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._pools = pools
         self._placers = placers
         self._default_timeout_s = default_timeout_s
+        self._metering = metering or (lambda _address: (0, 0))
 
     def _pending(
         self,
@@ -315,6 +317,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             )
         for pool in self._pools.values():
             for node in pool.nodes.values():
+                reads, metered = self._metering(node.address)
                 response.nodes.append(
                     scheduler_pb2.NodeStats(
                         pool=pool.pool.name,
@@ -329,6 +332,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         memory_total_mb=node.memory_total_mb,
                         memory_used_mb=node.memory_used_mb,
                         consecutive_failures=node.failures,
+                        statistics_reads=reads,
+                        metered_batches=metered,
                     )
                 )
         events = sorted(

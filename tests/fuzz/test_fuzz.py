@@ -316,13 +316,15 @@ PLAN = {
         Rpc(_CACHE, "Purge", 30, "admin", "internal"),
     ],
     "billing": [
-        Rpc(_BILLING, "RecordUsage", 300, "internal", "admin"),
+        Rpc(_BILLING, "RecordUsage", 250, "internal", "admin"),
         Rpc(_BILLING, "RecordUsageBatch", 150, "internal", "api_key"),
         Rpc(_BILLING, "GetTenantUsage", 100, "internal", "admin"),
-        Rpc(_BILLING, "GetUsage", 175, "internal", "admin"),
+        Rpc(_BILLING, "GetUsage", 125, "internal", "admin"),
+        Rpc(_BILLING, "RecordPoolUsage", 60, "internal", "api_key"),
         Rpc(_ADMIN, "ListKeys", 75, "admin", "internal"),
         Rpc(_ADMIN, "GetTenantLimits", 75, "admin", "internal"),
         Rpc(_ADMIN, "GetTenantReport", 125, "admin", "api_key"),
+        Rpc(_ADMIN, "GetPoolReport", 40, "admin", "internal"),
     ],
 }
 

@@ -517,6 +517,95 @@ def test_memory_check_uses_the_pools_own_node_size() -> None:
     assert parse_catalog(data, env={}).models["alpha"].deployments[0].memory_mb == 20_000
 
 
+def test_pool_gpu_cost_is_exact_nano_usd_per_gpu_microsecond() -> None:
+    data = with_second_pool(
+        minimal(), nodes=["10.0.0.1:8001"], gpu_hour_usd="4.00", gpus_per_node=8
+    )
+    pool = parse_catalog(data, env={}).pools["gpu-a"]
+
+    assert (pool.gpu_hour_nano, pool.gpus_per_node) == (4_000_000_000, 8)
+    # An hour of one GPU is the hourly price; a microsecond rounds half up, once.
+    assert pool.gpu_cost_nano(3_600_000_000) == 4_000_000_000
+    assert pool.gpu_cost_nano(1_000_000) == 1_111_111  # 1 s: 1,111,111.1 nano-USD
+    assert pool.gpu_cost_nano(9) == 10  # 9 us: 10.0 nano-USD
+    assert pool.gpu_cost_nano(1) == 1  # 1.11 rounds down to 1
+    # The shipped pool states its price, and a pool that gives none costs nothing.
+    shipped = load_catalog(DEFAULT_CATALOG, env={}).pools["local"]
+    assert shipped.gpu_hour_nano > 0 and shipped.gpus_per_node == 1
+    local = parse_catalog(minimal(), env={}).pools["local"]
+    assert (local.gpu_hour_nano, local.gpus_per_node, local.gpu_cost_nano(10**9)) == (0, 1, 0)
+
+
+def test_hosted_price_is_the_models_own_hosted_deployment_else_its_familys() -> None:
+    data = minimal()
+    own_price = {"input_usd_per_million": "0.50", "output_usd_per_million": "1.50"}
+    data["models"]["alpha"]["deployments"] = [
+        TRITON,
+        {**HOSTED, "price": own_price},
+    ]
+    data["models"]["gamma"] = {
+        "family": "beta",
+        "price": {"input_usd_per_million": "0.01", "output_usd_per_million": "0.02"},
+        "deployments": [{"kind": "triton", "pool": "local", "model": "gamma_lm", "gpus": 1}],
+    }
+    data["models"]["delta"] = {
+        "price": {"input_usd_per_million": "0.01", "output_usd_per_million": "0.02"},
+        "deployments": [{"kind": "triton", "pool": "local", "model": "delta_lm"}],
+    }
+    catalog = parse_catalog(data, env={})
+
+    # alpha's hosted deployment says what the provider charges: that, not alpha's price.
+    assert catalog.hosted_price(catalog.models["alpha"]) == Price(500_000_000, 1_500_000_000)
+    # gamma has no hosted deployment; beta, of the same family, is hosted at beta's price.
+    assert catalog.hosted_price(catalog.models["gamma"]) == catalog.models["beta"].price
+    assert catalog.hosted_price(catalog.models["beta"]) == catalog.models["beta"].price
+    # delta has nothing hosted to compare with.
+    assert catalog.hosted_price(catalog.models["delta"]) is None
+    assert catalog.deployment(catalog.models["alpha"], "holysheep/alpha") is not None
+    assert catalog.deployment(catalog.models["alpha"], "elsewhere") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("pools", "local", "gpu_hour_usd"), "-3", ["pools.local.gpu_hour_usd", "non-negative"]),
+        (("pools", "local", "gpu_hour_usd"), "cheap", ["pools.local.gpu_hour_usd", "decimal"]),
+        (("pools", "local", "gpus_per_node"), 0, ["pools.local.gpus_per_node", "at least 1"]),
+        (
+            ("models", "alpha", "deployments", "0", "gpus"),
+            2,
+            ["models.alpha.deployments[0].gpus", "1 GPUs per node"],
+        ),
+        (
+            ("models", "beta", "deployments", "0", "price"),
+            {"input_usd_per_million": "1"},
+            ["models.beta.deployments[0].price", "'output_usd_per_million'"],
+        ),
+    ],
+)
+def test_invalid_gpu_costs_name_the_location(
+    path: tuple[str, ...], value: object, expected: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(broken(path, value), env={})
+    for fragment in expected:
+        assert fragment in str(caught.value)
+
+
+def test_a_model_may_name_the_hosted_model_it_is_compared_with() -> None:
+    data = minimal()
+    data["models"]["alpha"]["hosted_equivalent"] = "beta"
+    catalog = parse_catalog(data, env={})
+    assert catalog.hosted_price(catalog.models["alpha"]) == catalog.models["beta"].price
+    shipped = load_catalog(DEFAULT_CATALOG, env={})
+    deepseek = shipped.models["deepseek-v3.2"].price
+    assert shipped.hosted_price(shipped.models["shepherd-tiny"]) == deepseek
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(broken(("models", "beta", "hosted_equivalent"), "alpha"), env={})
+    assert "models.beta.hosted_equivalent" in str(caught.value)
+    assert "with a hosted deployment" in str(caught.value)
+
+
 # -- embeddings and ensembles ----------------------------------------------------------------
 
 STEPS = [{"model": "embed_lm", "memory_mb": 128}, {"model": "gen_lm", "memory_mb": 512}]

@@ -51,6 +51,7 @@ def services(tmp_path: Path, valkey: ValkeyServer) -> Iterator[dict[str, str]]:
         "REDIS_URL": valkey.config.url,
         "SHEPHERD_INTERNAL_TOKEN": TOKEN,
         "SHEPHERD_ADMIN_KEYS": ADMIN_KEY,
+        "SHEPHERD_ROUTER_SPOOL_DIR": str(tmp_path / "spool"),  # not the checkout's .run/
         **{f"SHEPHERD_{name.upper()}_PORT": str(port) for name, port in ports.items()},
     }
     processes = {

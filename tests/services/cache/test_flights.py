@@ -229,3 +229,21 @@ async def test_a_purge_must_name_exactly_what_to_delete(
         await stub.Purge(purge, timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"{field}:" in (refused.value.details() or "")
+
+
+async def test_publishing_to_another_tenants_key_is_refused_with_a_status(
+    service: Service,
+) -> None:
+    """Publish is client-streaming: the service gate maps its errors like any other call's."""
+    stub, _ = service
+    leader = await stub.Lookup(lookup("mine", tenant="acme"), timeout=5)
+
+    async def pieces() -> AsyncIterator[cache_pb2.PublishRequest]:
+        yield cache_pb2.PublishRequest(
+            key=leader.key, lease_token=leader.lease_token, tenant="globex", text="stolen"
+        )
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Publish(pieces(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may not use cache namespace 'tenant:acme'" in (refused.value.details() or "")
