@@ -49,17 +49,13 @@ async def serve() -> None:
         usage,
         spool,
     )
+    embed = EmbedPipeline.beside(pipeline)
     servicer = RouterServicer(
-        config,
-        catalog,
-        authenticator,
-        pipeline,
-        billing_stub,
-        embeddings=EmbedPipeline.beside(pipeline),
+        config, catalog, authenticator, pipeline, billing_stub, embeddings=embed
     )
-    # The OpenAI-compatible HTTP edge: the same pipeline, on the same event loop.
+    # The OpenAI-compatible HTTP edge: the same pipelines, on the same event loop.
     edges = (
-        [HttpEdge(config.server.host, config.http_port, pipeline, catalog, authenticator)]
+        [HttpEdge(config.server.host, config.http_port, pipeline, catalog, authenticator, embed)]
         if config.http_port
         else []
     )

@@ -2,11 +2,12 @@
 
 Code written against the OpenAI SDK (most code that calls LLMs) points `base_url` at
 `http://<router>:8080/v1` and gets the mesh's batching, cache, budgets and billing unchanged:
-POST /v1/chat/completions (JSON, or SSE with `stream: true`), GET /v1/models and
-GET /v1/models/{model}. It runs in the router process, on the gRPC server's event loop
-(uvloop), and calls the same `ChatPipeline.run` as RouterService/Chat and ChatStream: no
-extra hop, the same keys, tenants, limits, cache and ledger. services/router/openai_compat.py
-owns the wire format; this module owns the sockets, the trace span, the headers and the drain.
+POST /v1/chat/completions (JSON, or SSE with `stream: true`), POST /v1/embeddings, GET
+/v1/models and GET /v1/models/{model}. It runs in the router process, on the gRPC server's
+event loop (uvloop), and calls the same `ChatPipeline.run` as RouterService/Chat and
+ChatStream (and `EmbedPipeline.embed` as RouterService/Embed): no extra hop, the same keys,
+tenants, limits, cache and ledger. services/router/openai_compat.py owns the wire format;
+this module owns the sockets, the trace span, the headers and the drain.
 
 Why aiohttp's low-level server: measured on this machine (docs/BENCHMARKS.md, "HTTP edge"),
 a bare aiohttp server and uvicorn with httptools serving a raw ASGI app cost the same CPU per
@@ -36,10 +37,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, cast
 from urllib.parse import unquote
 
+import grpc
 from aiohttp import web
 from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 
@@ -49,6 +51,7 @@ from libs.gate import InFlight
 from libs.server import ListenError
 from libs.telemetry import current_trace_id, end_http_status, http_server_span
 from services.router.auth import Authenticator
+from services.router.embeddings import EmbedPipeline
 from services.router.openai_compat import (
     DONE,
     ChatCall,
@@ -57,6 +60,7 @@ from services.router.openai_compat import (
     answer_headers,
     completion,
     cut_at_stop,
+    embeddings,
     error_event,
     error_response,
     finish_chunk,
@@ -65,14 +69,23 @@ from services.router.openai_compat import (
     model_entry,
     models_list,
     parse_chat,
+    parse_embed,
     text_chunk,
     usage_chunk,
 )
-from services.router.pipeline import FINISH_TEXT, ChatEvent, ChatPipeline, Ending, Text
+from services.router.pipeline import (
+    FINISH_TEXT,
+    ChatEvent,
+    ChatPipeline,
+    Ending,
+    Metadata,
+    Text,
+)
 
 _log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 MODELS_PATH = "/v1/models"
 # Messages may hold 256 x 200,000 characters (services/router/validation.py); a body past
 # this is refused with 413 (aiohttp stops reading it at the limit).
@@ -83,7 +96,7 @@ _FINISHED = {"stop", "length", "content_filter"}
 
 
 class HttpEdge:
-    """POST /v1/chat/completions and GET /v1/models on the router's pipeline (see module doc).
+    """The OpenAI endpoints on the router's pipelines (see the module doc).
 
     Implements libs/server.py's `Edge`: `run_server` starts it with the gRPC server and drains
     it with the gRPC calls.
@@ -96,8 +109,10 @@ class HttpEdge:
         pipeline: ChatPipeline,
         catalog: Catalog,
         authenticator: Authenticator,
+        embeddings: EmbedPipeline | None = None,
     ) -> None:
         self._host = host
+        self._embeddings = embeddings
         self._port = port
         self._pipeline = pipeline
         self._catalog = catalog
@@ -180,15 +195,15 @@ class HttpEdge:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         method, path = request.method, request.path
-        if path == CHAT_PATH:
-            route = CHAT_PATH
+        if path in (CHAT_PATH, EMBEDDINGS_PATH):
+            route = path
         elif path == MODELS_PATH:
             route = MODELS_PATH
         elif path.startswith(MODELS_PATH + "/"):
             route = MODELS_PATH + "/{model}"
         else:
             return _error(http_error(404, f"Invalid URL ({method} {path})", "unknown_url"), {})
-        allowed = "POST" if route == CHAT_PATH else "GET"
+        allowed = "POST" if route in (CHAT_PATH, EMBEDDINGS_PATH) else "GET"
         if method != allowed:
             refusal = _error(
                 http_error(405, f"{method} is not allowed on {path}: use {allowed}"), {}
@@ -247,6 +262,8 @@ class HttpEdge:
                 content_type=JSON,
                 headers=_ids(""),
             )
+        if route == EMBEDDINGS_PATH:
+            return await self._embed(await request.read(), request.headers, metadata)
         if route != CHAT_PATH:
             await self._auth.tenant_for(metadata)
             name = unquote(request.path[len(MODELS_PATH) + 1 :])
@@ -265,6 +282,23 @@ class HttpEdge:
             if call.stream:
                 return await self._stream(request, call, events)
             return await self._complete(call, events)
+
+    async def _embed(
+        self, body: bytes, headers: Mapping[str, str], metadata: Metadata
+    ) -> web.Response:
+        """POST /v1/embeddings on RouterService/Embed's path (services/router/embeddings.py)."""
+        call = parse_embed(body, headers, uuid.uuid4().hex)
+        if self._embeddings is None:
+            raise ShepherdError(grpc.StatusCode.NOT_FOUND, "this router serves no embeddings")
+        try:
+            ending = await self._embeddings.embed(call.request, metadata, call.timeout_s)
+        except ShepherdError as error:
+            return _error(error_response(error), _ids(call.request.request_id))
+        return web.Response(
+            body=embeddings(call, ending),
+            content_type=JSON,
+            headers={**_ids(call.request.request_id), **answer_headers(ending)},
+        )
 
     async def _complete(self, call: ChatCall, events: AsyncIterator[ChatEvent]) -> web.Response:
         """One JSON answer: the pipeline's text collected (unary, as gRPC Chat collects it)."""

@@ -22,8 +22,10 @@ model's usage (what it generated and is billed for) is reported unchanged.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +33,11 @@ from typing import Any, Literal
 
 import grpc
 from google.rpc import error_details_pb2
-from openai.types import CompletionUsage, Model
+from openai.types import CompletionUsage, CreateEmbeddingResponse, Embedding, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat import chat_completion as completion_types
 from openai.types.chat import chat_completion_chunk as chunk_types
+from openai.types.create_embedding_response import Usage as EmbeddingUsage
 from pydantic import BaseModel
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
@@ -639,3 +642,87 @@ def http_error(status: int, message: str, code: str | None = None) -> ErrorRespo
         }
     ).encode()
     return ErrorResponse(status, body, {}, message)
+
+
+@dataclass(frozen=True)
+class EmbedCall:
+    """One POST /v1/embeddings, read: the pipeline's request and how vectors are encoded."""
+
+    request: router_pb2.EmbedRequest
+    base64: bool
+    timeout_s: float | None = None
+
+
+def parse_embed(body: bytes, headers: Mapping[str, str], new_id: str) -> EmbedCall:
+    """Read an embeddings request (OpenAI's shape); every problem reported at once.
+
+    `input` is a string or a list of strings; token arrays are refused (Shepherd's models
+    tokenize themselves). `encoding_format` is "float" (the API's default) or "base64"
+    (what the openai SDK asks for unless told otherwise: little-endian float32, as OpenAI
+    sends it). `dimensions` is refused: the catalog's models have one size each.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_argument(
+            [("body", "we could not parse the JSON body of your request")]
+        ) from None
+    if not isinstance(data, dict):
+        raise invalid_argument([("body", "must be a JSON object")])
+    violations: list[tuple[str, str]] = []
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        violations.append(("model", "is required: an embedding model (GET /v1/models)"))
+        model = ""
+    raw = data.get("input")
+    inputs: list[str] = []
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(item, str) for item in raw):
+        inputs = list(raw)
+    elif isinstance(raw, list) and raw and all(_is_int(i) or isinstance(i, list) for i in raw):
+        violations.append(("input", "token arrays are not supported: send the text"))
+    else:
+        violations.append(("input", "is required: a string or a non-empty list of strings"))
+    encoding = data.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        violations.append(("encoding_format", "must be float or base64"))
+    if data.get("dimensions") is not None:
+        violations.append(("dimensions", "is not supported: each model has one vector size"))
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        violations.append(("user", "must be a string"))
+    request_id, _ = _request_id(headers, new_id)
+    request = router_pb2.EmbedRequest(
+        model=model,
+        inputs=inputs,
+        priority=_header_choice(headers, PRIORITY_HEADER, PRIORITIES, violations),
+        cache_policy=_header_choice(headers, CACHE_HEADER, CACHE_POLICIES, violations),
+        request_id=request_id,
+        self_hosted_only=_header_bool(headers, SELF_HOSTED_HEADER, violations),
+    )
+    timeout_s = _timeout(headers, violations)
+    if violations:
+        raise invalid_argument(violations)
+    return EmbedCall(request, encoding == "base64", timeout_s)
+
+
+def embeddings(call: EmbedCall, ending: Ending) -> bytes:
+    """The vectors, as POST /v1/embeddings returns them."""
+    data = []
+    for index, vector in enumerate(ending.embeddings):
+        values = list(vector.values)
+        encoded: list[float] | str = values
+        if call.base64:
+            encoded = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        # model_construct: a base64 vector is a string, which the type (floats) does not say.
+        data.append(Embedding.model_construct(embedding=encoded, index=index, object="embedding"))
+    answer = CreateEmbeddingResponse.model_construct(
+        data=data,
+        model=ending.model,
+        object="list",
+        usage=EmbeddingUsage(
+            prompt_tokens=ending.usage.prompt_tokens, total_tokens=ending.usage.total_tokens
+        ),
+    )
+    return answer.model_dump_json(exclude_unset=False).encode()

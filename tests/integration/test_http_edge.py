@@ -25,7 +25,7 @@ import openai
 import pytest
 from shepherd.billing.v1 import admin_pb2, admin_pb2_grpc, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
-from shepherd.router.v1 import router_pb2_grpc
+from shepherd.router.v1 import router_pb2, router_pb2_grpc
 
 from deploy.local.launcher import LocalMesh
 from tests.integration.conftest import Metadata, tenant_totals
@@ -518,3 +518,40 @@ def test_sigterm_finishes_http_requests_in_flight_and_refuses_new_ones(
     assert json.loads(frames[-2][len(b"data: ") :])["usage"]["completion_tokens"] > 0
     messages = [json.loads(line)["msg"] for line in replica.log_path.read_text().splitlines()]
     assert messages.index("drained") > messages.index("shutting down")
+
+
+def test_the_sdk_embeds_through_the_mesh_like_the_grpc_embed(
+    mesh: LocalMesh,
+    router: router_pb2_grpc.RouterServiceStub,
+    tenant: tuple[str, str],
+    billing: billing_pb2_grpc.BillingServiceStub,
+    admin_md: Metadata,
+) -> None:
+    name, key = tenant
+    inputs = [prompt("sheep graze"), prompt("the mesh batches")]
+    sdk = client(mesh, key)
+    # The SDK asks for base64 unless told otherwise, and decodes it; float is the API's default.
+    encoded = sdk.embeddings.create(model="embed", input=inputs)
+    plain = sdk.embeddings.create(model="embed", input=inputs, encoding_format="float")
+    grpc_answer = router.Embed(
+        router_pb2.EmbedRequest(model="embed", inputs=inputs), metadata=auth(key), timeout=30
+    )
+
+    expected = [list(e.values) for e in grpc_answer.embeddings]
+    for answer in (encoded, plain):
+        assert answer.object == "list" and answer.model == "shepherd-embed"
+        assert [d.index for d in answer.data] == [0, 1]
+        for got, want in zip(answer.data, expected, strict=True):
+            assert got.embedding == pytest.approx(want, abs=1e-6)
+        assert answer.usage.prompt_tokens == grpc_answer.usage.prompt_tokens > 0
+        assert answer.usage.total_tokens == grpc_answer.usage.total_tokens
+    # One request computed and billed through HTTP; the identical ones after it, over HTTP and
+    # gRPC alike, are cache hits at no cost.
+    assert grpc_answer.cache_hit and grpc_answer.cost.nano_usd == 0
+    totals = tenant_totals(billing, admin_md, name)
+    assert totals.requests == 3
+    assert totals.cost.nano_usd == expected_cost("shepherd-embed", grpc_answer.usage) > 0
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.embeddings.create(model="embed", input=inputs, dimensions=64)
+    assert refused.value.body["param"] == "dimensions"  # type: ignore[index]

@@ -21,6 +21,7 @@ from services.router.openai_compat import (
     finish_chunk,
     first_chunk,
     parse_chat,
+    parse_embed,
     text_chunk,
     usage_chunk,
 )
@@ -335,3 +336,33 @@ def test_stop_sequences_cut_a_stream_where_they_start(
     sent = "".join(scanner.feed(piece) for piece in pieces) + scanner.flush()
     assert (sent, scanner.hit) == (expected, hit)
     assert cut_at_stop("".join(pieces), stops) == (expected, hit)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"model": "embed"}, "input", "a string or a non-empty list of strings"),
+        ({"model": "embed", "input": [1, 2, 3]}, "input", "token arrays are not supported"),
+        ({"model": "embed", "input": "x", "encoding_format": "int8"}, "encoding_format", "float"),
+        ({"model": "embed", "input": "x", "dimensions": 64}, "dimensions", "one vector size"),
+        ({"input": "x"}, "model", "an embedding model"),
+    ],
+)
+def test_an_embeddings_request_openai_would_refuse_is_refused_naming_the_field(
+    body: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(ShepherdError) as refused:
+        parse_embed(json.dumps(body).encode(), {}, "id-1")
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{field}:" in refused.value.message and message in refused.value.message
+
+
+def test_an_embeddings_request_reads_one_input_or_many_and_the_encoding() -> None:
+    one = parse_embed(b'{"model": "embed", "input": "hello"}', {"idempotency-key": "k1"}, "new")
+    many = parse_embed(
+        b'{"model": "embed", "input": ["a", "b"], "encoding_format": "base64"}', {}, "new"
+    )
+    assert list(one.request.inputs) == ["hello"] and not one.base64
+    assert one.request.request_id == "k1"
+    assert list(many.request.inputs) == ["a", "b"] and many.base64
+    assert many.request.request_id == "new"
