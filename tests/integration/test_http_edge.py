@@ -289,9 +289,9 @@ def test_the_edges_own_errors_are_openai_json_too(mesh: LocalMesh, tenant: tuple
     _, key = tenant
     headers = {"authorization": f"Bearer {key}"}
     with httpx.Client(base_url=mesh.openai_base_url, headers=headers, timeout=TIMEOUT_S) as http:
-        unknown = http.post("/embeddings", json={"model": "tiny", "input": "x"})
+        unknown = http.post("/audio/speech", json={"model": "tiny", "input": "x"})
         assert unknown.status_code == 404
-        assert unknown.json()["error"]["message"] == "Invalid URL (POST /v1/embeddings)"
+        assert unknown.json()["error"]["message"] == "Invalid URL (POST /v1/audio/speech)"
         wrong_method = http.get("/chat/completions")
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         not_json = http.post("/chat/completions", content=b"{not json")
