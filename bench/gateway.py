@@ -87,6 +87,7 @@ from bench.streaming import (
     _levels,
     _raise_keyboard_interrupt,
     closed_loop,
+    fail_on_errors,
     find,
     find_sim_pids,
     idle_cores,
@@ -193,18 +194,6 @@ class Setup:
         return TritonRoute(self.triton_url, ECHO_TRITON_MODEL, stream=False)
 
 
-def _fail_on_errors(rows: Sequence[Row]) -> None:
-    failing = [r for r in rows if r.error_rate > MAX_ERROR_RATE]
-    if failing:
-        raise BenchError(
-            "; ".join(
-                f"{r.key}: {r.errors} of {r.requests} failed ({r.error_codes}),"
-                f" e.g. {r.error_samples[:2]}"
-                for r in failing
-            )
-        )
-
-
 async def fill_cache(setup: Setup, indices: Sequence[int]) -> None:
     """Answer every prompt the cache-hit path will send once, so the cache holds them all."""
     route = setup.mesh(ECHO_MODEL, setup.echo_delay_ms, cache="fill")
@@ -234,7 +223,7 @@ async def run_comparison(
     for row in found:
         print(table_row(row), flush=True)
     print(f"  ({comparison.name}: {time.monotonic() - began:.0f}s)", flush=True)
-    _fail_on_errors(found)
+    fail_on_errors(found)
     return found
 
 

@@ -56,7 +56,6 @@ from bench.batching import machine, run_main, write_report
 from bench.gateway import ECHO_MODEL, ECHO_TRITON_MODEL, MESH, Components, mesh_cpu_ms
 from bench.streaming import (
     CALL_TIMEOUT_S,
-    MAX_ERROR_RATE,
     MAX_TOKENS,
     Answer,
     BadAnswer,
@@ -70,6 +69,7 @@ from bench.streaming import (
     _git,
     _levels,
     _raise_keyboard_interrupt,
+    fail_on_errors,
     find_sim_pids,
     idle_cores,
     measure,
@@ -354,15 +354,7 @@ async def run_all(
         rows.extend(found)
         print(f"\nc={c} ({time.monotonic() - began:.0f}s)", flush=True)
         print(table(found), flush=True)
-        failing = [r for r in found if r.error_rate > MAX_ERROR_RATE]
-        if failing:
-            raise BenchError(
-                "; ".join(
-                    f"{r.key}: {r.errors} of {r.requests} failed ({r.error_codes}),"
-                    f" e.g. {r.error_samples[:2]}"
-                    for r in failing
-                )
-            )
+        fail_on_errors(found)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
