@@ -19,8 +19,10 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from deploy.local.triton import TritonNode
 from tests.support.scheduler import (
+    TINY_LM,
     SchedulerProcess,
     catalog,
+    copy_model,
     infer_request,
     internal_channel,
     model_repository,
@@ -33,7 +35,10 @@ UNLOAD = scheduler_pb2.PLACEMENT_ACTION_UNLOAD
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[TritonNode]:
-    repository = model_repository(tmp_path / "repo", ["tiny_a", "tiny_b"])
+    # beta is slow (2 ms a token), so its long request is still running when alpha asks
+    # for its room, even on a busy machine.
+    repository = model_repository(tmp_path / "repo", ["tiny_a"])
+    copy_model(repository, "tiny_b", TINY_LM, {"ignore_eos": "true", "step_delay_ms": "2"})
     started = start_node(tmp_path / "node", repository)  # nothing loaded
     yield started
     started.stop()
@@ -87,12 +92,12 @@ async def test_loads_on_first_use_evicts_the_idle_lru_model_and_never_a_busy_one
         long_beta = asyncio.ensure_future(
             stub.Infer(infer_request("beta", request_id="b-long", max_tokens=256), timeout=60)
         )
+        beta_sent_ms = time.time() * 1000
         await asyncio.sleep(0.02)
         alpha = asyncio.ensure_future(
             stub.Infer(infer_request("alpha", request_id="a9"), timeout=60)
         )
         beta_reply = await long_beta
-        beta_done_ms = time.time() * 1000
         assert beta_reply.completion.usage.completion_tokens == 256, "the busy model kept running"
         alpha_reply = await alpha
         assert alpha_reply.completion.placement.backend_model == "tiny_a"
@@ -108,7 +113,15 @@ async def test_loads_on_first_use_evicts_the_idle_lru_model_and_never_a_busy_one
         ("tiny_a", LOAD),
     ]
     unload_busy = stats.placement_events[3]
-    assert unload_busy.unix_ms >= beta_done_ms - 50, "beta was unloaded only after it finished"
+    # Beta started no earlier than it was sent and ran for its GPU time, so it finished no
+    # earlier than their sum: an unload before that would have pulled it out from under the
+    # request. (The scheduler's clock, not the moment this test got round to reading the
+    # reply, which on a busy machine can come seconds after the unload.)
+    beta_ran_ms = beta_reply.completion.placement.gpu_us / 1000
+    assert beta_ran_ms > 200, "the long request must outlast the moment alpha asked for its room"
+    assert unload_busy.unix_ms >= beta_sent_ms + beta_ran_ms, (
+        "beta was unloaded only after it finished"
+    )
     assert "LRU" in unload_busy.reason
     [gpu] = stats.nodes
     assert (gpu.memory_total_mb, gpu.memory_used_mb) == (1000, 600)

@@ -670,8 +670,9 @@ class TritonPythonModel:
         # config.pbtxt: parameters { key: "ignore_eos" value: { string_value: "true" } }
         parameter = self.model_config.get("parameters", {}).get("ignore_eos", {})
         self.ignore_eos = parameter.get("string_value", "").lower() == "true"
-        # parameters { key: "step_delay_ms" ... }: a slower model, so tests can act between
-        # streamed steps (cancel mid-stream, let a deadline pass); 0 by default.
+        # parameters { key: "step_delay_ms" ... }: a slower model, each decoding step that
+        # much longer, so tests can act between streamed steps (cancel mid-stream, let a
+        # deadline pass) or while a request runs; 0 by default.
         delay = self.model_config.get("parameters", {}).get("step_delay_ms", {})
         self.step_delay_s = float(delay.get("string_value", "0") or 0) / 1000
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
@@ -690,6 +691,10 @@ class TritonPythonModel:
         completions = self.lm.generate(
             rows.prompts, rows.max_tokens, rows.temperatures, rows.seeds, self.ignore_eos
         )
+        if self.step_delay_s:
+            time.sleep(
+                self.step_delay_s * max((c.completion_tokens for c in completions), default=0)
+            )
         responses = []
         for span in rows.spans:
             if not isinstance(span, tuple):
