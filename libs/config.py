@@ -23,6 +23,15 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "billing": 50054,
 }
 
+# Where each service serves Prometheus' /metrics (libs/metrics.py): next to 9464, the port
+# OpenTelemetry's Prometheus exporter uses by default. 0 turns a service's endpoint off.
+DEFAULT_METRICS_PORTS: Mapping[str, int] = {
+    "router": 9461,
+    "scheduler": 9462,
+    "cache": 9463,
+    "billing": 9464,
+}
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message says which and how to fix it."""
@@ -128,11 +137,18 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """Where traces go and how verbose logs are."""
+    """Where traces and metrics go, and how verbose logs are.
+
+    `enabled` is false with OTEL_SDK_DISABLED=true (OpenTelemetry's own switch): no spans, no
+    metrics, no /metrics endpoint, only logs. `metrics_port` 0 leaves /metrics off.
+    """
 
     service_name: str
     otlp_endpoint: str
     log_level: str
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    enabled: bool = True
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> TelemetryConfig:
@@ -143,6 +159,15 @@ class TelemetryConfig:
             service_name=f"shepherd-{service}",
             otlp_endpoint=env_str("OTEL_EXPORTER_OTLP_ENDPOINT", "", env),
             log_level=level,
+            metrics_host=env_str("SHEPHERD_HOST", "127.0.0.1", env),
+            metrics_port=env_int(
+                f"SHEPHERD_{service.upper()}_METRICS_PORT",
+                DEFAULT_METRICS_PORTS.get(service, 0),
+                minimum=0,
+                maximum=65535,
+                env=env,
+            ),
+            enabled=not env_bool("OTEL_SDK_DISABLED", False, env),
         )
 
 

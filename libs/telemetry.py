@@ -25,13 +25,15 @@ from contextlib import contextmanager
 import grpc
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from libs.config import TelemetryConfig
+from libs.logs import bind_tenant
+from libs.metrics import serve_prometheus
 
 _tracer = trace.get_tracer("shepherd.grpc")
 
@@ -49,9 +51,15 @@ _SERVER_ERRORS = frozenset(
 )
 
 
-def setup_tracing(config: TelemetryConfig) -> TracerProvider:
-    """Install the global tracer provider; export spans only when an OTLP endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
+def setup_tracing(config: TelemetryConfig) -> TracerProvider | None:
+    """Install the global tracer provider; export spans only when an OTLP endpoint is set.
+
+    With OTEL_SDK_DISABLED=true nothing is installed: OpenTelemetry's API then hands out
+    non-recording spans, which cost next to nothing (the telemetry benchmark's "off").
+    """
+    if not config.enabled:
+        return None
+    provider = TracerProvider(resource=_resource(config))
     if config.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -61,19 +69,38 @@ def setup_tracing(config: TelemetryConfig) -> TracerProvider:
     return provider
 
 
-def setup_metrics(config: TelemetryConfig) -> MeterProvider:
-    """Install the global meter provider; export metrics only when an OTLP endpoint is set."""
-    readers = []
+def setup_metrics(config: TelemetryConfig) -> MeterProvider | None:
+    """Install the global meter provider: OTLP export when an endpoint is set, and
+    Prometheus' /metrics on the service's metrics port when it is not 0 (libs/metrics.py).
+
+    Raises MetricsListenError when the metrics port cannot be bound.
+    """
+    if not config.enabled:
+        return None
+    readers: list[MetricReader] = []
     if config.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
         exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
         readers.append(PeriodicExportingMetricReader(exporter))
-    provider = MeterProvider(
-        resource=Resource.create({"service.name": config.service_name}), metric_readers=readers
-    )
+    if config.metrics_port:
+        reader, _server = serve_prometheus(config.metrics_host, config.metrics_port)
+        readers.append(reader)
+    provider = MeterProvider(resource=_resource(config), metric_readers=readers)
     metrics.set_meter_provider(provider)
     return provider
+
+
+def _resource(config: TelemetryConfig) -> Resource:
+    """service.name, plus whatever OTEL_RESOURCE_ATTRIBUTES adds (k8s pod names, versions)."""
+    return Resource.create({"service.name": config.service_name})
+
+
+def set_tenant(tenant: str) -> None:
+    """Name the tenant of the request being served: on its span (`shepherd.tenant`, so
+    Jaeger can search by tenant) and on every log line it writes (libs/logs.py)."""
+    bind_tenant(tenant)
+    trace.get_current_span().set_attribute("shepherd.tenant", tenant)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from opentelemetry import metrics
 from redis.exceptions import RedisError
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
@@ -13,10 +14,38 @@ from libs.accounts import Aggregate, InvalidRecord, utc_now
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
-from libs.telemetry import child_span
+from libs.telemetry import child_span, set_tenant
 from services.billing.ledger import Bucket, Ledger, UsageEntry, report_range
 
 TENANT_RULE = "is required: 1-64 letters, digits, '-' or '_'"
+NANO_PER_USD = 1_000_000_000
+
+# What billing records, by tenant and model, for dashboards (/metrics): tenants and catalog
+# models are bounded sets; request ids are never attributes. Counted once per ledger entry
+# written (a duplicate record adds nothing), from the same figures the ledger holds.
+_meter = metrics.get_meter("shepherd.billing")
+_spend = _meter.create_counter(
+    "shepherd.billing.cost.usd", unit="{USD}", description="Cost billed, by tenant and model."
+)
+_billed_tokens = _meter.create_counter(
+    "shepherd.billing.tokens",
+    unit="{token}",
+    description="Tokens billed, by tenant, model and type (input, output).",
+)
+_billed_requests = _meter.create_counter(
+    "shepherd.billing.requests",
+    unit="{request}",
+    description="Requests billed, by tenant, model and whether the cache answered.",
+)
+
+
+def _count(request: billing_pb2.RecordUsageRequest, model: str, cost_nano: int) -> None:
+    """Add one newly billed record to the billing metrics."""
+    attributes = {"tenant": request.tenant, "model": model}
+    _spend.add(cost_nano / NANO_PER_USD, attributes)
+    _billed_tokens.add(request.usage.prompt_tokens, {**attributes, "type": "input"})
+    _billed_tokens.add(request.usage.completion_tokens, {**attributes, "type": "output"})
+    _billed_requests.add(1, {**attributes, "cache_hit": "true" if request.cache_hit else "false"})
 
 
 def usage_of(totals: Aggregate) -> common_pb2.Usage:
@@ -113,6 +142,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         """Bill one record inside a span of its own request's trace (see `child_span`)."""
         with child_span("billing.record", request.traceparent) as span:
             span.set_attribute("shepherd.request_id", request.request_id)
+            if valid_tenant(request.tenant):
+                set_tenant(request.tenant)
             return await self._record_one(request)
 
     async def _record_one(
@@ -173,6 +204,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                     )
                 ]
             )
+        if not recorded.duplicate:
+            _count(request, model.name, recorded.cost_nano)
         return billing_pb2.RecordUsageResponse(
             cost=common_pb2.Money(nano_usd=recorded.cost_nano),
             duplicate=recorded.duplicate,

@@ -5,6 +5,11 @@ Why not on every lookup: an HINCRBY per lookup would double the cache's Redis ro
 counting in memory and flushing the increments once a second costs one pipeline a second.
 Entries and bytes per family are read when asked (a bounded SCAN), since they change with
 every store and expiry and nobody needs them between calls.
+
+Each count also goes to this process's metrics (/metrics, libs/metrics.py):
+`shepherd.cache.events` by event (hit, miss, coalesced, lease, lease_expired; the hit ratio is
+(hit + coalesced) / (hit + coalesced + miss), as GetStats computes it) and
+`shepherd.cache.cost_saved.usd`, the list price of the answers served from the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 from collections import Counter
 
 import redis.asyncio as redis
+from opentelemetry import metrics
 from redis.exceptions import RedisError
 from shepherd.cache.v1 import cache_pb2
 from shepherd.common.v1 import common_pb2
@@ -26,6 +32,26 @@ STATS_KEY = "shepherd:cache:stats"
 FIELDS = ("hits", "misses", "coalesced", "leases", "leases_expired", "saved_nano")
 # The most entries GetStats scans to count entries and bytes per family.
 MAX_SCANNED = 200_000
+NANO_PER_USD = 1_000_000_000
+
+_meter = metrics.get_meter("shepherd.cache")
+_events = _meter.create_counter(
+    "shepherd.cache.events",
+    unit="{event}",
+    description="Lookups by outcome (hit, miss), coalesced followers, leases taken and expired.",
+)
+_saved = _meter.create_counter(
+    "shepherd.cache.cost_saved.usd",
+    unit="{USD}",
+    description="List price of the answers served from the cache instead of computed.",
+)
+_EVENTS = {
+    "hits": {"event": "hit"},
+    "misses": {"event": "miss"},
+    "coalesced": {"event": "coalesced"},
+    "leases": {"event": "lease"},
+    "leases_expired": {"event": "lease_expired"},
+}
 
 
 class CacheStats:
@@ -38,6 +64,11 @@ class CacheStats:
 
     def count(self, name: str, n: int = 1) -> None:
         self._pending[name] += n
+        attributes = _EVENTS.get(name)
+        if attributes is not None:
+            _events.add(n, attributes)
+        elif name == "saved_nano":
+            _saved.add(n / NANO_PER_USD)
 
     async def run(self) -> None:
         """Flush the increments once a second, for ever (a supervised loop)."""

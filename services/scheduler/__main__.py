@@ -67,7 +67,10 @@ async def serve() -> None:
         config.health,
         placer_for,
     )
-    stats = {name: ModelStats(name) for name in catalog.models}
+    stats = {
+        name: ModelStats(name, max_batch_size=model.batching.max_batch_size)
+        for name, model in catalog.models.items()
+    }
     dispatcher = Dispatcher(
         pools, TritonBackend(), HostedBackend(hosted_clients), stats, config.hosted_inflight_batches
     )
