@@ -80,12 +80,11 @@ class ChatObserver:
             genai.OPERATION_NAME: genai.OPERATION_CHAT,
             genai.REQUEST_MODEL: requested,
         }
-        params = request.params
+        params = request.params  # as the caller sent them: 0 means the default
         if params.max_tokens:
             attributes[genai.REQUEST_MAX_TOKENS] = params.max_tokens
-        if params.HasField("temperature"):
-            attributes[genai.REQUEST_TEMPERATURE] = params.temperature
-        if params.HasField("top_p"):
+        attributes[genai.REQUEST_TEMPERATURE] = params.temperature
+        if params.top_p:
             attributes[genai.REQUEST_TOP_P] = params.top_p
         if params.HasField("seed"):
             attributes[genai.REQUEST_SEED] = params.seed
