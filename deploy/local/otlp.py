@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -233,7 +234,9 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-def _http_handler(spans: SpanSink, metrics: MetricSink) -> type[BaseHTTPRequestHandler]:
+def _http_handler(
+    spans: SpanSink, metrics: MetricSink, refused: list[str]
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         """POST /v1/traces and /v1/metrics, as OTLP/HTTP defines them."""
 
@@ -262,6 +265,8 @@ def _http_handler(spans: SpanSink, metrics: MetricSink) -> type[BaseHTTPRequestH
                     self._answer(404, "text/plain", b"only /v1/traces and /v1/metrics\n")
                     return
             except ValueError as error:
+                refused.append(f"{self.path}: {error}")
+                print(f"refused an OTLP export to {self.path}: {error}", file=sys.stderr)
                 self._answer(400, "text/plain", f"{error}\n".encode())
                 return
             if content_type.startswith("application/json"):
@@ -306,7 +311,11 @@ class OtlpReceiver:
         )
         if self._grpc.add_insecure_port(f"{host}:{self.grpc_port}") == 0:
             raise OSError(f"cannot receive OTLP/gRPC on {host}:{self.grpc_port}: port in use?")
-        self._http = ThreadingHTTPServer((host, self.http_port), _http_handler(spans, metric_sink))
+        # Exports refused as malformed (400), for tests and the collector's log.
+        self.refused: list[str] = []
+        self._http = ThreadingHTTPServer(
+            (host, self.http_port), _http_handler(spans, metric_sink, self.refused)
+        )
         self._http.daemon_threads = True
         self._http_thread = threading.Thread(target=self._http.serve_forever, daemon=True)
 

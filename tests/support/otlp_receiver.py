@@ -37,6 +37,11 @@ class OtlpReceiver:
         """OTLP/HTTP base URL, for Triton (it posts to <base>/v1/traces)."""
         return self._receiver.http_endpoint
 
+    @property
+    def refused(self) -> list[str]:
+        """OTLP/HTTP exports the receiver could not parse (none, when all is well)."""
+        return self._receiver.refused
+
     def start(self) -> OtlpReceiver:
         self._receiver.start()
         return self
