@@ -19,17 +19,23 @@ traces read the same in Jaeger.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
 from opentelemetry import metrics, propagate, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from libs.config import TelemetryConfig
 from libs.logs import bind_tenant
@@ -59,36 +65,71 @@ def setup_tracing(config: TelemetryConfig) -> TracerProvider | None:
     """
     if not config.enabled:
         return None
+    if not os.environ.get("OTEL_PROPAGATORS"):
+        # W3C trace context only: nothing in the mesh uses baggage, and the default composite
+        # propagator parses and writes it on every hop.
+        propagate.set_global_textmap(TraceContextTextMapPropagator())
     provider = TracerProvider(resource=_resource(config))
     if config.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        exporter: SpanExporter
+        if config.otlp_protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpSpanExporter,
+            )
 
-        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)
+            exporter = HttpSpanExporter(endpoint=_http_url(config.otlp_endpoint, "traces"))
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 
 
 def setup_metrics(config: TelemetryConfig) -> MeterProvider | None:
-    """Install the global meter provider: OTLP export when an endpoint is set, and
-    Prometheus' /metrics on the service's metrics port when it is not 0 (libs/metrics.py).
+    """Install the global meter provider: Prometheus' /metrics on the service's metrics port
+    (libs/metrics.py), OTLP export to the endpoint, or both (`TelemetryConfig.metrics_exporters`:
+    each reader aggregates every measurement again, so only what is asked for runs).
 
     Raises MetricsListenError when the metrics port cannot be bound.
     """
     if not config.enabled:
         return None
     readers: list[MetricReader] = []
-    if config.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    exporters = config.metrics_exporters
+    if config.otlp_endpoint and "otlp" in exporters:
+        exporter: MetricExporter
+        if config.otlp_protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpMetricExporter,
+            )
 
-        exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
+            exporter = HttpMetricExporter(endpoint=_http_url(config.otlp_endpoint, "metrics"))
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
         readers.append(PeriodicExportingMetricReader(exporter))
-    if config.metrics_port:
+    if config.metrics_port and "prometheus" in exporters:
         reader, _server = serve_prometheus(config.metrics_host, config.metrics_port)
         readers.append(reader)
-    provider = MeterProvider(resource=_resource(config), metric_readers=readers)
+    # No exemplars unless asked for (OTEL_METRICS_EXEMPLAR_FILTER): Prometheus' text format
+    # cannot carry them, and offering one on every measurement in a sampled span costs CPU on
+    # every request (measured: bench/telemetry.py).
+    exemplars = (
+        None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    )
+    provider = MeterProvider(
+        resource=_resource(config), metric_readers=readers, exemplar_filter=exemplars
+    )
     metrics.set_meter_provider(provider)
     return provider
+
+
+def _http_url(base: str, signal: str) -> str:
+    """OTLP/HTTP's URL for a signal under the endpoint's base URL (as the spec composes it)."""
+    return f"{base.rstrip('/')}/v1/{signal}"
 
 
 def _resource(config: TelemetryConfig) -> Resource:

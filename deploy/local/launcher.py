@@ -213,6 +213,10 @@ class LocalMesh:
             env["SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL"] = self.sim.base_url
         if self.otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_endpoint
+            if self.collector is not None and env.get("OTEL_EXPORTER_OTLP_PROTOCOL") == (
+                "http/protobuf"
+            ):
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_http_endpoint
         if self.collector is not None:
             # Spans reach the local collector within half a second, so a trace asked for just
             # after its answer is whole (OpenTelemetry's default is 5 s).

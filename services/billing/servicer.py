@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import grpc
 from opentelemetry import metrics
@@ -22,30 +23,66 @@ NANO_PER_USD = 1_000_000_000
 
 # What billing records, by tenant and model, for dashboards (/metrics): tenants and catalog
 # models are bounded sets; request ids are never attributes. Counted once per ledger entry
-# written (a duplicate record adds nothing), from the same figures the ledger holds.
-_meter = metrics.get_meter("shepherd.billing")
-_spend = _meter.create_counter(
-    "shepherd.billing.cost.usd", unit="{USD}", description="Cost billed, by tenant and model."
-)
-_billed_tokens = _meter.create_counter(
-    "shepherd.billing.tokens",
-    unit="{token}",
-    description="Tokens billed, by tenant, model and type (input, output).",
-)
-_billed_requests = _meter.create_counter(
-    "shepherd.billing.requests",
-    unit="{request}",
-    description="Requests billed, by tenant, model and whether the cache answered.",
-)
+# written (a duplicate record adds nothing), from the same figures the ledger holds, into
+# in-process totals that the metrics SDK reads when it collects (an addition per record on the
+# request path, not a measurement).
+_billed: dict[tuple[str, str], list[int]] = {}  # (tenant, model) -> totals, as _FIELDS
+_FIELDS = ("cost_nano", "input", "output", "hit", "miss")
 
 
 def _count(request: billing_pb2.RecordUsageRequest, model: str, cost_nano: int) -> None:
     """Add one newly billed record to the billing metrics."""
-    attributes = {"tenant": request.tenant, "model": model}
-    _spend.add(cost_nano / NANO_PER_USD, attributes)
-    _billed_tokens.add(request.usage.prompt_tokens, {**attributes, "type": "input"})
-    _billed_tokens.add(request.usage.completion_tokens, {**attributes, "type": "output"})
-    _billed_requests.add(1, {**attributes, "cache_hit": "true" if request.cache_hit else "false"})
+    totals = _billed.get((request.tenant, model))
+    if totals is None:
+        totals = _billed[(request.tenant, model)] = [0, 0, 0, 0, 0]
+    totals[0] += cost_nano
+    totals[1] += request.usage.prompt_tokens
+    totals[2] += request.usage.completion_tokens
+    totals[3 if request.cache_hit else 4] += 1
+
+
+def _observe_cost(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(t[0] / NANO_PER_USD, {"tenant": tenant, "model": model})
+        for (tenant, model), t in list(_billed.items())
+    ]
+
+
+def _observe_tokens(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(t[index], {"tenant": tenant, "model": model, "type": kind})
+        for (tenant, model), t in list(_billed.items())
+        for index, kind in ((1, "input"), (2, "output"))
+    ]
+
+
+def _observe_requests(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(t[index], {"tenant": tenant, "model": model, "cache_hit": hit})
+        for (tenant, model), t in list(_billed.items())
+        for index, hit in ((3, "true"), (4, "false"))
+    ]
+
+
+_meter = metrics.get_meter("shepherd.billing")
+_meter.create_observable_counter(
+    "shepherd.billing.cost.usd",
+    callbacks=[_observe_cost],
+    unit="{USD}",
+    description="Cost billed, by tenant and model.",
+)
+_meter.create_observable_counter(
+    "shepherd.billing.tokens",
+    callbacks=[_observe_tokens],
+    unit="{token}",
+    description="Tokens billed, by tenant, model and type (input, output).",
+)
+_meter.create_observable_counter(
+    "shepherd.billing.requests",
+    callbacks=[_observe_requests],
+    unit="{request}",
+    description="Requests billed, by tenant, model and whether the cache answered.",
+)
 
 
 def usage_of(totals: Aggregate) -> common_pb2.Usage:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Iterable
 
 import redis.asyncio as redis
 from opentelemetry import metrics
@@ -34,24 +35,41 @@ FIELDS = ("hits", "misses", "coalesced", "leases", "leases_expired", "saved_nano
 MAX_SCANNED = 200_000
 NANO_PER_USD = 1_000_000_000
 
+_EVENTS = {
+    "hits": "hit",
+    "misses": "miss",
+    "coalesced": "coalesced",
+    "leases": "lease",
+    "leases_expired": "lease_expired",
+}
+# Every count since the process started, read when metrics are collected: a count costs an
+# integer addition on the request path, not a metrics-SDK measurement.
+_counted: Counter[str] = Counter()
+
+
+def _events(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(_counted[name], {"event": event}) for name, event in _EVENTS.items()
+    ]
+
+
+def _saved(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [metrics.Observation(_counted["saved_nano"] / NANO_PER_USD)]
+
+
 _meter = metrics.get_meter("shepherd.cache")
-_events = _meter.create_counter(
+_meter.create_observable_counter(
     "shepherd.cache.events",
+    callbacks=[_events],
     unit="{event}",
     description="Lookups by outcome (hit, miss), coalesced followers, leases taken and expired.",
 )
-_saved = _meter.create_counter(
+_meter.create_observable_counter(
     "shepherd.cache.cost_saved.usd",
+    callbacks=[_saved],
     unit="{USD}",
     description="List price of the answers served from the cache instead of computed.",
 )
-_EVENTS = {
-    "hits": {"event": "hit"},
-    "misses": {"event": "miss"},
-    "coalesced": {"event": "coalesced"},
-    "leases": {"event": "lease"},
-    "leases_expired": {"event": "lease_expired"},
-}
 
 
 class CacheStats:
@@ -64,11 +82,7 @@ class CacheStats:
 
     def count(self, name: str, n: int = 1) -> None:
         self._pending[name] += n
-        attributes = _EVENTS.get(name)
-        if attributes is not None:
-            _events.add(n, attributes)
-        elif name == "saved_nano":
-            _saved.add(n / NANO_PER_USD)
+        _counted[name] += n
 
     async def run(self) -> None:
         """Flush the increments once a second, for ever (a supervised loop)."""

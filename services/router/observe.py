@@ -153,28 +153,26 @@ class ChatObserver:
         if ending is not None:
             usage, placement = ending.usage, ending.placement
             response_model = placement.backend_model or ending.model
+            finish = genai.FINISH_REASONS.get(ending.finish_reason, "unknown")
             metric_attributes[genai.RESPONSE_MODEL] = response_model
-            span.set_attributes(
-                {
-                    genai.RESPONSE_MODEL: response_model,
-                    genai.RESPONSE_FINISH_REASONS: (
-                        genai.FINISH_REASONS.get(ending.finish_reason, "unknown"),
-                    ),
-                    genai.USAGE_INPUT_TOKENS: usage.prompt_tokens,
-                    genai.USAGE_OUTPUT_TOKENS: usage.completion_tokens,
-                    "shepherd.request_id": ending.request_id,
-                    "shepherd.cost.nano_usd": ending.cost.nano_usd,
-                    "shepherd.cache_hit": ending.cache_hit,
-                    "shepherd.coalesced": ending.coalesced,
-                    "shepherd.placement.deployment": placement.deployment,
-                    "shepherd.placement.node": placement.node,
-                    "shepherd.placement.batch_size": placement.batch_size,
-                    "shepherd.placement.spilled_over": placement.spilled_over,
-                }
-            )
+            span_attributes: dict[str, Any] = {
+                genai.RESPONSE_MODEL: response_model,
+                genai.RESPONSE_FINISH_REASONS: (finish,),
+                genai.USAGE_INPUT_TOKENS: usage.prompt_tokens,
+                genai.USAGE_OUTPUT_TOKENS: usage.completion_tokens,
+                "shepherd.request_id": ending.request_id,
+                "shepherd.cost.nano_usd": ending.cost.nano_usd,
+                "shepherd.cache_hit": ending.cache_hit,
+                "shepherd.placement.deployment": placement.deployment,
+            }
+            if ending.coalesced:
+                span_attributes["shepherd.coalesced"] = True
+            if placement.spilled_over:
+                span_attributes["shepherd.placement.spilled_over"] = True
+            span.set_attributes(span_attributes)
             line.update(
                 request_id=ending.request_id,
-                finish_reason=genai.FINISH_REASONS.get(ending.finish_reason, "unknown"),
+                finish_reason=finish,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
                 cost_nano_usd=ending.cost.nano_usd,

@@ -20,7 +20,7 @@ from services.scheduler.placement import Placer
 from services.scheduler.queue import ModelQueue
 from services.scheduler.readiness import ModelsProbe
 from services.scheduler.servicer import SchedulerServicer
-from services.scheduler.stats import ModelStats, observe_queue_depth
+from services.scheduler.stats import ModelStats, observe_outcomes, observe_queue_depth
 from services.scheduler.triton import TritonBackend
 
 _log = logging.getLogger("services.scheduler")
@@ -84,6 +84,7 @@ async def serve() -> None:
         for name, model in catalog.models.items()
     }
     observe_queue_depth(lambda: [(name, b.queue.depth) for name, b in batchers.items()])
+    observe_outcomes(stats.values)
     for pool in pools.values():
         await pool.start()
     for batcher in batchers.values():

@@ -28,9 +28,6 @@ from libs import genai
 
 _meter = metrics.get_meter("shepherd.scheduler")
 _genai_meter = metrics.get_meter("shepherd.scheduler.genai", schema_url=genai.SCHEMA_URL)
-_requests = _meter.create_counter(
-    "shepherd.scheduler.requests", unit="{request}", description="Requests by outcome."
-)
 _batch_size = _meter.create_histogram(
     "shepherd.scheduler.batch.size",
     unit="{request}",
@@ -105,6 +102,8 @@ class ModelStats:
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     # Least recently seen first; bounded by MAX_TENANTS.
     tenants: OrderedDict[str, TenantStats] = field(default_factory=OrderedDict)
+    # Every outcome since start-up, read by the exported counter when metrics are collected.
+    outcomes: Counter[str] = field(default_factory=Counter)
 
     def tenant(self, name: str) -> TenantStats:
         """A tenant's entry, marked as just seen; beyond MAX_TENANTS the stalest is dropped."""
@@ -132,7 +131,7 @@ class ModelStats:
             self.completed += count
         elif outcome == "spilled_over":
             self.spilled_over += count
-        _requests.add(count, {"model": self.model, "outcome": outcome})
+        self.outcomes[outcome] += count
 
     def batch(self, size: int, waits_ms: Iterable[tuple[str, float]]) -> None:
         """A batch of `size` left the queue; `waits_ms` are its requests' (tenant, queue wait)."""
@@ -210,6 +209,25 @@ class ModelStats:
 def placement_event(node: str, model: str, action: str) -> None:
     """Count a placement action in the exported metrics."""
     _placement.add(1, {"node": node, "model": model, "action": action})
+
+
+def observe_outcomes(read: Callable[[], Iterable[ModelStats]]) -> None:
+    """Export every model's outcome counts as a counter read at collection time: counting an
+    outcome on the request path is then an integer addition."""
+
+    def callback(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [
+            metrics.Observation(count, {"model": stats.model, "outcome": outcome})
+            for stats in read()
+            for outcome, count in list(stats.outcomes.items())
+        ]
+
+    _meter.create_observable_counter(
+        "shepherd.scheduler.requests",
+        callbacks=[callback],
+        unit="{request}",
+        description="Requests by outcome.",
+    )
 
 
 def observe_queue_depth(read: Callable[[], Iterable[tuple[str, int]]]) -> None:
