@@ -18,7 +18,7 @@ each), identical but for telemetry:
 
 The load is bench/streaming.py's closed loop (`closed_loop`, the same prompts on both meshes,
 every request bypassing the cache). Paths: unary `Chat` on shepherd-echo (Triton model echo_lm,
-next to no model work, so the mesh is what is measured) at concurrency 1 and 16, and
+next to no model work, so the mesh is what is measured) at concurrency 1 and 8, and
 `ChatStream` on shepherd-tiny-stream (a decoupled Triton model: a delta per token) at
 concurrency 1. Each path warms both meshes up, then runs rounds in which the two meshes answer
 the same prompts at the same time, each with its own clients at the path's concurrency. CPU is
