@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import grpc
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
@@ -194,6 +195,18 @@ def end_status(span: trace.Span, code: grpc.StatusCode, message: str = "") -> No
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+
+
+def sampled_trace_headers(context: Context | None = None) -> dict[str, str]:
+    """The W3C trace context to send a backend that traces whatever carries one (Triton), or
+    nothing when the span is not sampled: Triton ignores the sampled flag, so an unsampled
+    request would leave Triton's spans alone in the trace store, and cost Triton the work."""
+    span = trace.get_current_span(context)
+    if not span.get_span_context().trace_flags.sampled:
+        return {}
+    headers: dict[str, str] = {}
+    propagate.inject(headers, context=context)
+    return headers
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...]:
