@@ -18,7 +18,8 @@ Where each applies:
   `gen_ai.client.token.usage` (services/router/observe.py);
 * scheduler: the model-server metrics `gen_ai.server.request.duration`,
   `gen_ai.server.time_to_first_token` and `gen_ai.server.time_per_output_token`
-  (services/scheduler/stats.py).
+  (services/scheduler/stats.py), and the `hosted.chat` CLIENT span of each call to a hosted
+  API (services/scheduler/hosted.py).
 
 Provider names (`gen_ai.provider.name`): the catalog's provider for hosted deployments (e.g.
 `holysheep`, an OpenAI-compatible API: the conventions ask for the actual provider, not the

@@ -33,9 +33,9 @@ Tracing: with `otlp_traces_url` set, the node runs Triton's OpenTelemetry tracer
 (`--trace-config mode=opentelemetry`) and exports over OTLP/HTTP to that URL (Triton's tracer
 speaks no OTLP/gRPC). `rate=0` traces exactly the requests that carry a W3C trace context
 (Triton reads `traceparent` from the gRPC metadata), which is every call the scheduler makes
-for a sampled request (libs/telemetry.sampled_trace_headers), so Triton's spans (InferRequest, then the model's, then compute with
-its input/infer/output timestamps) join the request's trace under the scheduler's call span,
-and a call without context costs nothing.
+for a sampled request (libs/telemetry.sampled_trace_headers), so Triton's spans
+(InferRequest, then the model's, then compute with its input/infer/output timestamps) join the
+request's trace under the scheduler's call span, and a call without context costs nothing.
 """
 
 from __future__ import annotations
