@@ -12,7 +12,8 @@ GEN_STAMP := $(GEN)/.stamp
 PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/shepherd_gen.pth
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
-	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-telemetry lint fmt clean
+	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge bench-http-stacks \
+	bench-cost bench-embeddings bench-telemetry lint fmt clean
 
 all: gen
 
@@ -43,12 +44,19 @@ test: gen lint
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
-	bench-single-flight bench-soak bench-telemetry
+	bench-single-flight bench-soak bench-http-edge bench-http-stacks bench-cost bench-embeddings \
+	bench-telemetry
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
 bench-batching: gen
 	$(BIN)/python -m bench.batching
+
+# Batch fill and utilisation of tiny_lm's pool at concurrency 1, 8, 32, 64 from Shepherd's own
+# pool report (GPU time attributed from Triton's statistics), next to throughput; and what the
+# statistics read behind each batch's GPU time costs.
+bench-cost: gen
+	$(BIN)/python -m bench.cost
 
 # The CPU and Redis round trips that budgets and rate limits add per request, on a real Valkey.
 bench-quota: gen
@@ -92,6 +100,22 @@ bench-soak: gen
 # Two meshes side by side, about 3 minutes (TELEMETRY_ARGS='--requests 4000' to change).
 bench-telemetry: gen
 	$(BIN)/python -m bench.telemetry $(TELEMETRY_ARGS)
+# The OpenAI-compatible HTTP edge against the gRPC API and direct Triton: added latency at
+# concurrency 1, throughput at 32, and the router's CPU per request (target: HTTP at most 1.3x
+# gRPC's); HTTP_EDGE_ARGS='--requests 4000' to change.
+bench-http-edge: gen
+	$(BIN)/python -m bench.http_edge $(HTTP_EDGE_ARGS)
+
+# The HTTP stacks the edge could run on (aiohttp, uvicorn with httptools, Starlette or h11),
+# and grpc.aio for scale: server CPU per request of the same handler, JSON and SSE.
+bench-http-stacks: gen
+	$(BIN)/python -m bench.http_stacks
+
+# Embedding throughput at concurrency 32: RouterService/Embed through the whole mesh against
+# calling Triton's embed_tiny directly, one row per call and in full batches (the ratio is the
+# headline); EMBEDDINGS_ARGS='--concurrency 64 --requests 5000' to change.
+bench-embeddings: gen
+	$(BIN)/python -m bench.embeddings $(EMBEDDINGS_ARGS)
 
 lint: gen
 	$(BIN)/ruff check .

@@ -217,6 +217,8 @@ def bench_catalog(base: Mapping[str, Any], batching: Mapping[str, Any]) -> dict[
         raise BenchError(f"{MODEL!r} has no Triton deployment in the catalog")
     model["deployments"] = deployments
     model["batching"] = copy.deepcopy(dict(batching))
+    # The hosted model its tokens are compared with in cost reports is not kept here.
+    model.pop("hosted_equivalent", None)
     wanted_pools = {str(d.get("pool", "")) for d in deployments}
     pools = {k: copy.deepcopy(v) for k, v in (base.get("pools") or {}).items() if k in wanted_pools}
     missing = wanted_pools - set(pools)

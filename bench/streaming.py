@@ -1093,9 +1093,11 @@ def prepare_run_dir(run_dir: Path, benchmark: str) -> None:
 
 @contextlib.contextmanager
 def mesh_with_simulator(
-    run_dir: Path, sim_latency_ms: float, extra_env: Mapping[str, str]
+    run_dir: Path, sim_latency_ms: float, extra_env: Mapping[str, str], *, http: bool = False
 ) -> Iterator[tuple[LocalMesh, SimProcess]]:
     """The whole local mesh on free ports, with a provider simulator of our own; both stop.
+
+    `http` also gives the router its OpenAI-compatible HTTP edge, on a free port.
 
     The simulator is never rate limited (SIM_RPM) and nothing exports traces (an exporter
     would cost CPU the measured processes need). Prints when the mesh is up and how long it
@@ -1112,6 +1114,7 @@ def mesh_with_simulator(
     try:
         print("starting the provider simulator and the mesh...", flush=True)
         sim.start()
+        *ports, http_port = free_ports(len(SERVICES) + 1)
         mesh = LocalMesh(
             MeshConfig(
                 run_dir=run_dir,
@@ -1119,7 +1122,8 @@ def mesh_with_simulator(
                 # twice, and gRPC's SO_REUSEPORT then lets two services share it (seen here:
                 # router and scheduler on one port). free_ports() holds each until all are
                 # chosen.
-                service_ports=dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True)),
+                service_ports=dict(zip(SERVICES, ports, strict=True)),
+                http_port=http_port if http else 0,
                 # A key of our own simulator: the launcher then starts none of its own, so
                 # the services are told where it is and its key here.
                 hosted_api_key=sim.api_key,

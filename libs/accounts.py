@@ -10,7 +10,9 @@ Cluster hash tag, so a tenant's keys share a slot and every script below touches
 
 - `limits`: budgets and rate limits (`day`, `month`, `rpm`, `tpm`, and `model:<m>:<same>`).
 - `day:<YYYY-MM-DD>`, `month:<YYYY-MM>`: the period's requests, tokens, cost, cache hits and
-  reserved money, overall and per model (`model:<m>:<field>`).
+  reserved money, overall and per model (`model:<m>:<field>`); and what self-hosting cost:
+  GPU-microseconds, their cost at the pool's price, and the requests and tokens that ran on
+  self-hosted nodes.
 - `totals`: running totals since the first request.
 - `request:<id>`: the ledger entry of one request, kept for the retention period.
 - `lease:<id>`, `leases`: a reservation in flight, and every lease by expiry time.
@@ -245,7 +247,7 @@ return {'admitted'}
 
 # KEYS[1] = the ledger entry. ARGV: prefix, request id, fingerprint, model, deployment,
 # prompt tokens, completion tokens, cost, cache hit (0/1), now ms, day, month, retention s,
-# coalesced (0/1).
+# coalesced (0/1), GPU microseconds, GPU cost (nano-USD), self-hosted (0/1).
 _RECORD = (
     _PRELUDE
     + """
@@ -253,6 +255,8 @@ local id, fp, model = ARGV[2], ARGV[3], ARGV[4]
 local prompt, completion, cost = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local hit = tonumber(ARGV[9])
 local coalesced = ARGV[14] == '1' and 1 or 0
+local gpu_us, gpu_cost = ARGV[15] or '0', ARGV[16] or '0'
+local self_hosted = ARGV[17] == '1' and 1 or 0
 local entry = KEYS[1]
 -- Validate everything before the first write: a script that fails half-way leaves what it
 -- wrote (Redis does not roll back), and partial aggregates would poison every later report.
@@ -261,19 +265,24 @@ local function count(s, most)
 end
 if not (count(ARGV[6], 12) and count(ARGV[7], 12) and count(ARGV[8], 19)
     and (ARGV[9] == '0' or ARGV[9] == '1') and count(ARGV[10], 15)
-    and ARGV[11] ~= '' and ARGV[12] ~= '' and count(ARGV[13], 10)) then
+    and ARGV[11] ~= '' and ARGV[12] ~= '' and count(ARGV[13], 10)
+    and count(gpu_us, 15) and count(gpu_cost, 19)) then
   return {'invalid', '0', '0', 'a count or amount is not a whole number in range'}
 end
-if above(sum(redis.call('HGET', P .. 'totals', 'cost_nano') or '0', cost),
-    '9223372036854775807') then
+local totals = redis.call('HMGET', P .. 'totals', 'cost_nano', 'gpu_cost_nano')
+if above(sum(totals[1] or '0', cost), '9223372036854775807') then
   return {'invalid', '0', '0', "the tenant's running cost total would overflow"}
 end
-local existing = redis.call('HMGET', entry, 'fingerprint', 'cost_nano', 'capped')
+if above(sum(totals[2] or '0', gpu_cost), '9223372036854775807') then
+  return {'invalid', '0', '0', "the tenant's running GPU cost total would overflow"}
+end
+local existing = redis.call('HMGET', entry, 'fingerprint', 'cost_nano', 'capped',
+  'gpu_cost_nano')
 if existing[2] then
   if fp ~= '' and existing[1] and existing[1] ~= '' and existing[1] ~= fp then
     return {'conflict', '0', '0'}
   end
-  return {'duplicate', existing[2], existing[3] or '0'}
+  return {'duplicate', existing[2], existing[3] or '0', existing[4] or '0'}
 end
 local day, month, capped = ARGV[11], ARGV[12], 0
 local lease = release(id, prompt + completion)
@@ -287,7 +296,8 @@ end
 redis.call('HSET', entry, 'fingerprint', fp, 'model', model, 'deployment', ARGV[5],
   'prompt_tokens', prompt, 'completion_tokens', completion, 'cost_nano', cost,
   'cache_hit', hit, 'capped', capped, 'recorded_at', ARGV[10], 'day', day,
-  'coalesced', coalesced)
+  'coalesced', coalesced, 'gpu_us', gpu_us, 'gpu_cost_nano', gpu_cost,
+  'self_hosted', self_hosted)
 redis.call('EXPIRE', entry, tonumber(ARGV[13]))
 for _, agg in ipairs({P .. 'day:' .. day, P .. 'month:' .. month, P .. 'totals'}) do
   for _, prefix in ipairs({'', 'model:' .. model .. ':'}) do
@@ -297,9 +307,16 @@ for _, agg in ipairs({P .. 'day:' .. day, P .. 'month:' .. month, P .. 'totals'}
     redis.call('HINCRBY', agg, prefix .. 'cost_nano', cost)
     redis.call('HINCRBY', agg, prefix .. 'cache_hits', hit)
     if coalesced == 1 then redis.call('HINCRBY', agg, prefix .. 'coalesced', 1) end
+    if gpu_us ~= '0' then redis.call('HINCRBY', agg, prefix .. 'gpu_us', gpu_us) end
+    if gpu_cost ~= '0' then redis.call('HINCRBY', agg, prefix .. 'gpu_cost_nano', gpu_cost) end
+    if self_hosted == 1 then
+      redis.call('HINCRBY', agg, prefix .. 'self_hosted_requests', 1)
+      redis.call('HINCRBY', agg, prefix .. 'self_hosted_prompt_tokens', prompt)
+      redis.call('HINCRBY', agg, prefix .. 'self_hosted_completion_tokens', completion)
+    end
   end
 end
-return {'recorded', cost, tostring(capped)}
+return {'recorded', cost, tostring(capped), gpu_cost}
 """
 )
 
@@ -345,6 +362,7 @@ class Recorded:
     duplicate: bool
     conflict: bool = False
     capped: bool = False
+    gpu_cost_nano: int = 0
 
 
 @dataclass(frozen=True)
@@ -378,6 +396,14 @@ class Aggregate:
     cache_hits: int = 0
     reserved_nano: int = 0
     coalesced: int = 0
+    # GPU time attributed (GPU-microseconds) and its cost at the pool's price; and the
+    # requests and tokens served on self-hosted nodes (not cache hits), which the
+    # hosted-equivalent cost is priced from.
+    gpu_us: int = 0
+    gpu_cost_nano: int = 0
+    self_hosted_requests: int = 0
+    self_hosted_prompt_tokens: int = 0
+    self_hosted_completion_tokens: int = 0
 
 
 def _aggregates(raw: Mapping[bytes | str, bytes | str]) -> tuple[Aggregate, dict[str, Aggregate]]:
@@ -490,6 +516,9 @@ class Accounts:
         now: dt.datetime,
         retention_s: int,
         coalesced: bool = False,
+        gpu_us: int = 0,
+        gpu_cost_nano: int = 0,
+        self_hosted: bool = False,
     ) -> Recorded:
         """Bill one request once: ledger entry, lease settled, aggregates, token windows."""
         prefix = tenant_prefix(tenant)
@@ -510,6 +539,9 @@ class Accounts:
                 month_id(now),
                 retention_s,
                 int(coalesced),
+                gpu_us,
+                gpu_cost_nano,
+                int(self_hosted),
             ],
         )
         outcome, cost, capped = result[:3]
@@ -521,6 +553,7 @@ class Accounts:
             duplicate=kind != "recorded",
             conflict=kind == "conflict",
             capped=capped in (b"1", 1),
+            gpu_cost_nano=int(result[3]) if len(result) > 3 else 0,
         )
 
     async def open_leases(self, tenant: str, now: dt.datetime) -> int:

@@ -6,7 +6,9 @@ model families from it and billing reads prices from it, so all four load the sa
 (`deploy/catalog.yaml` by default, `SHEPHERD_CATALOG` to override).
 
 Prices are exact: "8.00" US dollars per million tokens becomes 8_000_000_000 nano-dollars per
-million tokens, and a request's cost is an integer number of nano-dollars.
+million tokens, and a request's cost is an integer number of nano-dollars. So is what
+self-hosted capacity costs: a pool's `gpu_hour_usd` becomes nano-dollars per GPU-hour, and a
+request's GPU cost is its GPU microseconds at that rate, rounded once.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from libs.errors import ShepherdError
 
 NANO_PER_USD = 1_000_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000
+US_PER_HOUR = 3_600_000_000
 # A price cap that keeps every cost and total far inside int64 nano-USD (Money, HINCRBY).
 MAX_PRICE_USD = Decimal(1_000_000)
 
 DeploymentKind = Literal["triton", "hosted"]
+# What a model does: answer chats (Chat, ChatStream) or embed texts (Embed).
+ModelTask = Literal["chat", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,14 @@ class QueuePolicy:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One model an ensemble runs, and the GPU memory one loaded copy of it takes."""
+
+    model: str
+    memory_mb: int
+
+
+@dataclass(frozen=True)
 class Deployment:
     """One place a model can run: a Triton model on a node pool, or a hosted API model.
 
@@ -87,11 +100,26 @@ class Deployment:
     provider: str = ""
     memory_mb: int = 0
     max_nodes: int = 1
+    # Triton: the GPUs one loaded copy runs on (tensor parallelism), so one microsecond of its
+    # execution is `gpus` GPU-microseconds.
+    gpus: int = 1
+    # Hosted: what the provider charges per token, when it differs from the model's price
+    # (what tenants are billed); None means the model's price.
+    price: Price | None = None
     # "scheduler": Shepherd forms batches (Triton's dynamic batching rules); "engine": the
     # backend batches continuously inside its engine (vLLM, TensorRT-LLM on Triton) and wants
     # one request per sequence, so each request is sent on its own, bounded by the pool's
     # max_inflight_batches per node.
     batching: Literal["scheduler", "engine"] = "scheduler"
+    # A Triton ensemble's composing models, in step order: Triton loads them with the ensemble
+    # (explicit model control), so placement needs room for those a node lacks, and never
+    # evicts one while a batch of the ensemble runs. `memory_mb` is the ensemble's own.
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def footprint_mb(self) -> int:
+        """The memory the deployment takes on a node that holds none of its models yet."""
+        return self.memory_mb + sum(step.memory_mb for step in self.steps)
 
 
 @dataclass(frozen=True)
@@ -116,6 +144,14 @@ class Model:
     # "tenant": answers are cached per tenant (or tenant cache group), the safe default;
     # "shared": every tenant shares the family's answers, the seeds' "shared inference".
     cache_scope: CacheScope = "tenant"
+    # The hosted model whose price this model's self-hosted tokens are compared with in cost
+    # reports, when it names one; otherwise its own or its family's hosted deployment.
+    hosted_equivalent: str = ""
+    # "chat" (Chat, ChatStream) or "embedding" (Embed, priced per input token).
+    task: ModelTask = "chat"
+    # Prompt tokens a deployment adds to each request's own (a RAG model's retrieved
+    # documents), at most: admission reserves them, since the backend counts and bills them.
+    context_tokens: int = 0
 
     @property
     def self_hosted(self) -> tuple[Deployment, ...]:
@@ -141,6 +177,10 @@ class Pool:
     `gpu_memory_mb` per node; with `none` every node is assumed to serve every model it
     reports ready. `metrics_port`, when set, lets a node's own nv_gpu_memory_total_bytes
     metric replace the configured memory.
+
+    `gpu_hour_nano` and `gpus_per_node` say what the pool costs whether it is busy or not:
+    reports turn the GPU time attributed to requests into money with them, and measure the
+    pool's utilisation against its wall time times its GPUs.
     """
 
     name: str
@@ -150,6 +190,14 @@ class Pool:
     gpu_memory_mb: int = 16_384
     metrics_port: int = 0
     max_inflight_batches: int = 2
+    # What one GPU of the pool costs per hour (rent or amortised purchase plus power), in
+    # nano-USD, and how many GPUs one node has: what self-hosted work really costs.
+    gpu_hour_nano: int = 0
+    gpus_per_node: int = 1
+
+    def gpu_cost_nano(self, gpu_us: int) -> int:
+        """The cost of `gpu_us` GPU-microseconds in nano-USD, rounded half up once."""
+        return (gpu_us * self.gpu_hour_nano + US_PER_HOUR // 2) // US_PER_HOUR
 
 
 CacheScope = Literal["tenant", "shared"]
@@ -207,6 +255,27 @@ class Catalog:
         """Whether a family's answers are cached per tenant (the default) or shared."""
         return self.cache_scopes.get(family, "tenant")
 
+    def hosted_price(self, model: Model) -> Price | None:
+        """What the same tokens would cost on the hosted API: the price of the hosted model the
+        model names (`hosted_equivalent`), else of its own hosted deployment, else of a hosted
+        deployment of another model of its family (a self-hosted fine-tune compared with the
+        hosted model it replaces); None if there is none. A hosted deployment without a price
+        of its own charges its model's price."""
+        named = self.models.get(model.hosted_equivalent)
+        candidates = [
+            *([named] if named is not None else []),
+            model,
+            *(m for m in self.models.values() if m.family == model.family),
+        ]
+        for candidate in candidates:
+            for deployment in candidate.hosted:
+                return deployment.price or candidate.price
+        return None
+
+    def deployment(self, model: Model, name: str) -> Deployment | None:
+        """The deployment of `model` called `name`, or None."""
+        return next((d for d in model.deployments if d.name == name), None)
+
     def tenant(self, name: str) -> Tenant:
         """The policy of a tenant; tenants the catalog does not name get the defaults."""
         return self.tenants.get(name) or Tenant(name=name)
@@ -256,6 +325,14 @@ def _positive(mapping: Mapping[str, Any], key: str, default: int, where: str) ->
     return value
 
 
+def _price(spec: Mapping[str, Any], where: str) -> Price:
+    """A price per million input and output tokens, as exact nano-USD."""
+    return Price(
+        input_nano_per_million=usd_to_nano(_require(spec, "input_usd_per_million", where), where),
+        output_nano_per_million=usd_to_nano(_require(spec, "output_usd_per_million", where), where),
+    )
+
+
 def _is_name(value: str) -> bool:
     return bool(value) and value.replace("-", "").replace("_", "").isalnum()
 
@@ -263,6 +340,36 @@ def _is_name(value: str) -> bool:
 def _has_port(address: str) -> bool:
     host, _, port = address.rpartition(":")
     return bool(host) and port.isdigit()
+
+
+def _steps(spec: Any, ensemble: str, where: str) -> tuple[Step, ...]:
+    """An ensemble's `steps`: its composing Triton models in step order, each with memory_mb."""
+    if spec is None:
+        return ()
+    if not isinstance(spec, list) or not spec:
+        raise ConfigError(
+            f"{where}: a list of the ensemble's composing models in step order, each"
+            " {model: <Triton model>, memory_mb: <MB>}"
+        )
+    steps = []
+    for index, entry in enumerate(spec):
+        step_where = f"{where}[{index}]"
+        if not isinstance(entry, Mapping) or set(entry) - {"model", "memory_mb"}:
+            raise ConfigError(f"{step_where}: {{model: <Triton model>, memory_mb: <MB>}}")
+        name = str(_require(entry, "model", step_where))
+        if not _is_name(name) or name == ensemble:
+            raise ConfigError(
+                f"{step_where}.model: {name!r} is not a Triton model name other than {ensemble!r}"
+            )
+        memory = entry.get("memory_mb", 0)
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+            raise ConfigError(
+                f"{step_where}.memory_mb: must be a whole number >= 0, not {memory!r}"
+            )
+        steps.append(Step(name, memory))
+    if len({step.model for step in steps}) != len(steps):
+        raise ConfigError(f"{where}: each composing model is listed once")
+    return tuple(steps)
 
 
 def _env_name(name: str) -> str:
@@ -303,6 +410,8 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             gpu_memory_mb=_positive(spec, "gpu_memory_mb", 16_384, where),
             metrics_port=int(spec.get("metrics_port", 0)),
             max_inflight_batches=_positive(spec, "max_inflight_batches", 2, where),
+            gpu_hour_nano=usd_to_nano(spec.get("gpu_hour_usd", "0"), f"{where}.gpu_hour_usd"),
+            gpus_per_node=_positive(spec, "gpus_per_node", 1, where),
         )
     tenants: dict[str, Tenant] = {}
     for name, spec in (data.get("tenants") or {}).items():
@@ -365,14 +474,23 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     pool=pool,
                     memory_mb=int(dep.get("memory_mb", 0)),
                     max_nodes=_positive(dep, "max_nodes", 1, dep_where),
+                    gpus=_positive(dep, "gpus", 1, dep_where),
                     batching=mode,  # type: ignore[arg-type]
+                    steps=_steps(dep.get("steps"), backend_model, f"{dep_where}.steps"),
                 )
-                if not 0 <= deployment.memory_mb <= pools[pool].gpu_memory_mb:
+                if deployment.gpus > pools[pool].gpus_per_node:
                     raise ConfigError(
-                        f"{dep_where}.memory_mb: {deployment.memory_mb} must fit in the "
-                        f"{pools[pool].gpu_memory_mb} MB of one node of pool {pool!r}"
+                        f"{dep_where}.gpus: {deployment.gpus} must fit on one node of pool "
+                        f"{pool!r} ({pools[pool].gpus_per_node} GPUs per node)"
+                    )
+                if not 0 <= deployment.footprint_mb <= pools[pool].gpu_memory_mb:
+                    raise ConfigError(
+                        f"{dep_where}.memory_mb: {deployment.footprint_mb} (with its steps) must"
+                        f" fit in the {pools[pool].gpu_memory_mb} MB of one node of pool {pool!r}"
                     )
             elif kind == "hosted":
+                if "steps" in dep:
+                    raise ConfigError(f"{dep_where}.steps: only a Triton ensemble has steps")
                 provider = str(_require(dep, "provider", dep_where))
                 if provider not in providers:
                     raise ConfigError(f"{dep_where}: unknown provider {provider!r}")
@@ -382,6 +500,7 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     kind="hosted",
                     backend_model=backend_model,
                     provider=provider,
+                    price=_price(dep["price"], f"{dep_where}.price") if "price" in dep else None,
                 )
             else:
                 raise ConfigError(f"{dep_where}: kind must be 'triton' or 'hosted', not {kind!r}")
@@ -422,6 +541,19 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
         )
         if queue.aging_s <= 0:
             raise ConfigError(f"{where}.queue.aging_s: must be above 0 seconds")
+        task = str(merged.get("task", "chat"))
+        if task not in ("chat", "embedding"):
+            raise ConfigError(f"{where}.task: 'chat' or 'embedding', not {task!r}")
+        context_tokens = int(merged.get("context_tokens", 0))
+        if context_tokens < 0:
+            raise ConfigError(f"{where}.context_tokens: must be at least 0, not {context_tokens}")
+        if task == "embedding" and any(d.kind != "triton" for d in deployments):
+            raise ConfigError(
+                f"{where}.deployments: an embedding model runs on Triton only (Shepherd does not"
+                " call hosted embedding APIs yet)"
+            )
+        if task == "embedding" and context_tokens:
+            raise ConfigError(f"{where}.context_tokens: an embedding model adds no context")
         cache_scope = str(merged.get("cache_scope", "tenant"))
         if cache_scope not in ("tenant", "shared"):
             raise ConfigError(
@@ -433,16 +565,7 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             aliases=tuple(str(a) for a in merged.get("aliases", ())),
             family=str(merged.get("family", name)),
             priority=int(merged.get("priority", 5)),
-            price=Price(
-                input_nano_per_million=usd_to_nano(
-                    _require(price_spec, "input_usd_per_million", f"{where}.price"),
-                    f"{where}.price",
-                ),
-                output_nano_per_million=usd_to_nano(
-                    _require(price_spec, "output_usd_per_million", f"{where}.price"),
-                    f"{where}.price",
-                ),
-            ),
+            price=_price(price_spec, f"{where}.price"),
             default_max_tokens=int(merged.get("default_max_tokens", 256)),
             max_output_tokens=int(merged.get("max_output_tokens", 4096)),
             batching=batching,
@@ -451,6 +574,9 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
             cache_ttl_s=int(merged.get("cache_ttl_s", 0)),
             deployments=tuple(deployments),
             cache_scope=cache_scope,  # type: ignore[arg-type]
+            hosted_equivalent=str(merged.get("hosted_equivalent", "")),
+            task=task,  # type: ignore[arg-type]
+            context_tokens=context_tokens,
         )
         models[name] = model
         for key in (name, *model.aliases):
@@ -460,10 +586,25 @@ def parse_catalog(data: Mapping[str, Any], env: Mapping[str, str] | None = None)
                     f"{where}: name or alias {key!r} is already used by {aliases[key]!r}"
                 )
             aliases[key] = name
+    for model in models.values():
+        named = models.get(model.hosted_equivalent)
+        if model.hosted_equivalent and (named is None or not named.hosted):
+            raise ConfigError(
+                f"models.{model.name}.hosted_equivalent: {model.hosted_equivalent!r} must be a"
+                " model of this catalog with a hosted deployment"
+            )
     scopes: dict[str, tuple[str, CacheScope]] = {}
+    tasks: dict[str, Model] = {}
     for model in models.values():
         if ":" in model.family:
             raise ConfigError(f"models.{model.name}.family: {model.family!r} must not contain ':'")
+        other = tasks.setdefault(model.family, model)
+        if other.task != model.task:
+            raise ConfigError(
+                f"models.{model.name}.family: {model.family!r} is also the family of"
+                f" {other.name!r}, a {other.task} model; a family's cached answers are of one"
+                " kind, so chat and embedding models need families of their own"
+            )
         first = scopes.setdefault(model.family, (model.name, model.cache_scope))
         if first[1] != model.cache_scope:
             raise ConfigError(

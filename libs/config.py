@@ -22,6 +22,9 @@ DEFAULT_PORTS: Mapping[str, int] = {
     "cache": 50053,
     "billing": 50054,
 }
+# The router's OpenAI-compatible HTTP edge (services/router/http_edge.py), beside its gRPC port;
+# SHEPHERD_ROUTER_HTTP_PORT=0 turns it off.
+DEFAULT_ROUTER_HTTP_PORT = 8080
 
 # Where each service serves Prometheus' /metrics (libs/metrics.py): next to 9464, the port
 # OpenTelemetry's Prometheus exporter uses by default. 0 turns a service's endpoint off.

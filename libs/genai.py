@@ -56,6 +56,7 @@ ERROR_TYPE = "error.type"
 
 # -- values -----------------------------------------------------------------------------------
 OPERATION_CHAT = "chat"
+OPERATION_EMBEDDINGS = "embeddings"
 TOKEN_INPUT = "input"
 TOKEN_OUTPUT = "output"
 PROVIDER_TRITON = "triton"
@@ -122,6 +123,6 @@ def deployment_providers(deployments: Iterable[Deployment]) -> dict[str, str]:
     return {d.name: d.provider for d in deployments if d.kind == "hosted"}
 
 
-def chat_span_name(model: str) -> str:
-    """The span name the conventions give a chat: `{operation} {request model}`."""
-    return f"{OPERATION_CHAT} {model}" if model else OPERATION_CHAT
+def chat_span_name(model: str, operation: str = OPERATION_CHAT) -> str:
+    """The span name the conventions give an inference: `{operation} {request model}`."""
+    return f"{operation} {model}" if model else operation

@@ -9,7 +9,7 @@ INTERNAL). One set of rules, here, so the two services cannot drift apart.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from shepherd.common.v1 import common_pb2
 
@@ -20,6 +20,9 @@ Violation = tuple[str, str]
 ROLES = (common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
 PRIORITIES = frozenset(common_pb2.Priority.values())
 CACHE_POLICIES = frozenset(common_pb2.CachePolicy.values())
+# An Embed request's inputs: each is one row of the embedding model's batches.
+MAX_EMBEDDING_INPUTS = 256
+MAX_EMBEDDING_INPUT_CHARS = 100_000
 
 
 def message_violations(messages: Iterable[common_pb2.ChatMessage]) -> list[Violation]:
@@ -79,3 +82,29 @@ def cache_policy_violations(policy: int, field: str = "cache_policy") -> list[Vi
             "must be CACHE_POLICY_AUTO, CACHE_POLICY_BYPASS or CACHE_POLICY_ALWAYS (or unset)",
         )
     ]
+
+
+def embedding_violations(inputs: Sequence[str]) -> list[Violation]:
+    """An Embed request's inputs: at least one, not too many, each with some text to embed."""
+    violations: list[Violation] = []
+    if not inputs:
+        violations.append(("inputs", "at least one input is required"))
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        violations.append(("inputs", f"at most {MAX_EMBEDDING_INPUTS} inputs are allowed"))
+    for index, text in enumerate(inputs[:MAX_EMBEDDING_INPUTS]):
+        if not text.strip():
+            violations.append((f"inputs[{index}]", "must hold some text, not only whitespace"))
+        elif len(text) > MAX_EMBEDDING_INPUT_CHARS:
+            violations.append(
+                (f"inputs[{index}]", f"must be at most {MAX_EMBEDDING_INPUT_CHARS} characters")
+            )
+    return violations
+
+
+def task_violations(model: Model, task: str) -> list[Violation]:
+    """A chat call needs a chat model and Embed an embedding model."""
+    if model.task == task:
+        return []
+    if model.task == "embedding":
+        return [("model", f"{model.name} is an embedding model: it answers Embed only")]
+    return [("model", f"{model.name} is a chat model: it does not answer Embed")]

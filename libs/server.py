@@ -14,6 +14,10 @@ start. On SIGTERM or SIGINT it drains:
 4. the server stops with a short grace, for a call that arrived just as the gate closed;
 5. the clients the service was given are closed, in order.
 
+A service may serve more than gRPC from the same process and event loop: an `Edge` (the
+router's OpenAI-compatible HTTP edge, services/router/http_edge.py). Edges start with the
+server, stop accepting when the gate closes, and drain within the same grace period.
+
 Why not only `server.stop(grace)`: grpc stops taking calls at once and cancels the calls it
 had received but not yet handed to the application, so under load calls a router had
 accepted ended CANCELLED the moment SIGTERM arrived.
@@ -27,7 +31,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import redis.asyncio as redis
@@ -64,6 +68,29 @@ class Binding:
     service: ServiceDescriptor
 
 
+class Edge(Protocol):
+    """Another front door of the service, served in the same process and event loop.
+
+    The gRPC server and its edges share everything behind them (the router's pipeline) with
+    no extra hop, and shut down together: `start` binds (raising ListenError when it cannot)
+    and serves; `close` stops accepting connections and refuses new requests on open ones
+    ("retry on another replica"); `drain` waits for the requests it had accepted, up to
+    `timeout_s` (False if some still run then); `stop` ends whatever is left, giving a request
+    that arrived just as the edge closed about as long as the gRPC server gives its calls.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def drain(self, timeout_s: float) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+
 # Clients reconnect every few minutes, so replicas added by an autoscaler behind a Kubernetes
 # Service start receiving traffic from long-lived peer channels too. The server accepts the
 # peers' 30 s keepalive pings instead of answering them with GOAWAY (too_many_pings).
@@ -98,8 +125,8 @@ def setup_process(telemetry: TelemetryConfig) -> None:
 
 
 # Once the server has drained (or the grace period is over), what grpc itself still gives a
-# call that arrived just as the gate closed.
-_STOP_GRACE_S = 1.0
+# call that arrived just as the gate closed, and an edge a request that did.
+STOP_GRACE_S = 1.0
 
 
 def open_redis(url: str, timeout_s: float, max_connections: int = 256) -> redis.Redis:
@@ -147,6 +174,7 @@ async def run_server(
     cleanups: Sequence[Cleanup] = (),
     access: AccessPolicy | None = None,
     readiness: Sequence[Probe] = (),
+    edges: Sequence[Edge] = (),
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order.
 
@@ -155,7 +183,8 @@ async def run_server(
     goes through the one ServiceGate (libs/gate.py): access, trace span, error mapping,
     draining. `readiness` are the service's hard dependencies (libs/health.py); the server
     closes them. A fatal background task (libs/tasks.py) stops the service like SIGTERM
-    does, and then `run_server` raises ServiceFailure.
+    does, and then `run_server` raises ServiceFailure. `edges` are served alongside (see
+    `Edge`) and drained with the gRPC calls.
     """
     gate = ServiceGate(access, config.service)
     server = grpc.aio.server(interceptors=[gate], options=_SERVER_OPTIONS)
@@ -195,28 +224,42 @@ async def run_server(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     set_fatal_handler(fail)
+    started: list[Edge] = []
     try:
         await health.start()
+        for edge in edges:
+            await edge.start()  # before gRPC: once the launcher sees SERVING, every door is open
+            started.append(edge)
         await server.start()
         _log.info("serving", extra={"address": config.address, "services": service_names})
         await stop.wait()
 
-        _log.info(
-            "shutting down",
-            extra={"grace_s": config.grace_s, "calls_in_flight": gate.inflight.count},
-        )
+        def inflight() -> int:
+            return gate.inflight.count + sum(edge.inflight for edge in started)
+
+        _log.info("shutting down", extra={"grace_s": config.grace_s, "calls_in_flight": inflight()})
         deadline = loop.time() + config.grace_s
         gate.close()  # first: once a probe sees NOT_SERVING, no new call gets through
+        for edge in started:
+            await edge.close()
         await health.shutting_down()
-        if await gate.drain(config.grace_s):
+        drained = await asyncio.gather(
+            gate.drain(config.grace_s), *(edge.drain(config.grace_s) for edge in started)
+        )
+        if all(drained):
             _log.info("drained")
         else:
             _log.warning(
                 "grace period over with calls in flight; they are cancelled",
-                extra={"calls_in_flight": gate.inflight.count},
+                extra={"calls_in_flight": inflight()},
             )
-        await server.stop(max(0.0, min(_STOP_GRACE_S, deadline - loop.time())))
+        await server.stop(max(0.0, min(STOP_GRACE_S, deadline - loop.time())))
     finally:
+        for edge in reversed(started):
+            try:
+                await edge.stop()
+            except Exception:
+                _log.exception("stopping an edge failed")
         set_fatal_handler(None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -20,7 +20,7 @@ traces read the same in Jaeger.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import grpc
@@ -169,6 +169,38 @@ def server_span(
         set_status_on_exception=False,
     ) as span:
         yield span
+
+
+@contextmanager
+def http_server_span(method: str, route: str, headers: Mapping[str, str]) -> Iterator[trace.Span]:
+    """The span of one HTTP request this process serves (the router's OpenAI-compatible edge),
+    a child of the caller's span when it sent `traceparent`.
+
+    Named and attributed as OpenTelemetry's HTTP server conventions say (`POST
+    /v1/chat/completions`, http.request.method, http.route); `end_http_status` records the
+    response status. Like `server_span`, oversized trace headers are ignored, not parsed.
+    """
+    carrier = {
+        key: value
+        for key in ("traceparent", "tracestate")
+        if (value := headers.get(key)) is not None and len(value) <= MAX_TRACE_HEADER
+    }
+    with _tracer.start_as_current_span(
+        f"{method} {route}",
+        context=propagate.extract(carrier),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": method, "http.route": route},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
+
+
+def end_http_status(span: trace.Span, status: int, message: str = "") -> None:
+    """Record an HTTP response's status on its server span; only a 5xx is the server's error."""
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, f"{status}: {message}"))
 
 
 # Trace context longer than this is ignored, not parsed: W3C's traceparent is 55 characters

@@ -7,8 +7,9 @@ its own `python -m services.<name>` process. The services authenticate each othe
 service token made fresh for each run, and operators use an admin key made the same way
 (`SHEPHERD_INTERNAL_TOKEN` and `SHEPHERD_ADMIN_KEYS` from the environment win). It waits
 until every service reports SERVING on the standard health service, issues a fresh dev API
-key, and stops everything in reverse order on Ctrl-C or SIGTERM. Nothing listens anywhere but
-127.0.0.1.
+key, and stops everything in reverse order on Ctrl-C or SIGTERM. The router also serves the
+OpenAI-compatible HTTP API on its own port (8080 for `make run`, a free one in tests). Nothing
+listens anywhere but 127.0.0.1.
 
 Observability (README "Observability"): every service serves Prometheus' /metrics on its
 metrics port (9461-9464 for `make run`, free ports in tests). Unless OTEL_EXPORTER_OTLP_ENDPOINT
@@ -45,14 +46,21 @@ from deploy.local.provider_sim import SimProcess
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.apikeys import issue_key_at
-from libs.config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, REPO_ROOT, env_int
+from libs.config import (
+    DEFAULT_METRICS_PORTS,
+    DEFAULT_PORTS,
+    DEFAULT_ROUTER_HTTP_PORT,
+    REPO_ROOT,
+    env_int,
+)
 
 SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
 DEV_TENANT = "dev"
 # The Triton models loaded when the node starts, so no first request waits for a load:
-# shepherd-tiny's, shepherd-tiny-stream's and shepherd-echo's (the gateway benchmark's).
-PRELOADED_MODELS = ("tiny_lm", "tiny_lm_stream", "echo_lm")
+# shepherd-tiny's, shepherd-tiny-stream's, shepherd-echo's (the gateway benchmark's),
+# shepherd-embed's and shepherd-rag's (the rag_tiny ensemble, which loads its steps with it).
+PRELOADED_MODELS = ("tiny_lm", "tiny_lm_stream", "echo_lm", "embed_tiny", "rag_tiny")
 # Requests per minute the launcher's provider simulator allows each key. The simulator's own
 # default (600, `python -m deploy.local.provider_sim --rpm`) is a realistic provider quota for
 # tests of 429 handling; a local mesh under a load test would trip it within a second, so the
@@ -66,6 +74,8 @@ class MeshConfig:
 
     run_dir: Path
     service_ports: Mapping[str, int]
+    # The router's OpenAI-compatible HTTP port; 0 leaves the HTTP edge off.
+    http_port: int = 0
     redis_url: str = ""  # empty: start a local Valkey server
     hosted_api_key: str = ""  # empty: start the provider simulator
     otlp_endpoint: str = ""
@@ -104,6 +114,9 @@ class MeshConfig:
             ),
             collect_traces=not otlp_endpoint,
             announce_traces=not otlp_endpoint,
+            http_port=env_int(
+                "SHEPHERD_ROUTER_HTTP_PORT", DEFAULT_ROUTER_HTTP_PORT, minimum=0, maximum=65535
+            ),
             redis_url=os.environ.get("REDIS_URL", ""),
             hosted_api_key=os.environ.get("SHEPHERD_HOSTED_API_KEY", ""),
             otlp_endpoint=otlp_endpoint,
@@ -116,12 +129,13 @@ class MeshConfig:
     def ephemeral(cls, run_dir: Path, **kwargs: object) -> MeshConfig:
         """Tests: every port picked free at start."""
         # Distinct ports: free_port() in a loop can hand out the same port twice.
-        spare = iter(free_ports(2 * len(SERVICES)))
+        spare = iter(free_ports(2 * len(SERVICES) + 1))
         ports = {name: next(spare) for name in SERVICES}
         metrics = {name: next(spare) for name in SERVICES}
         return cls(
             run_dir=run_dir,
             service_ports=ports,
+            http_port=next(spare),
             **{"metrics_ports": metrics, **kwargs},  # type: ignore[arg-type]
         )
 
@@ -145,6 +159,7 @@ class Replica:
     address: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    http_address: str = ""  # its OpenAI-compatible HTTP edge, when the mesh has one
 
 
 def wait_serving(
@@ -193,6 +208,16 @@ class LocalMesh:
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.config.service_ports[service]}"
 
+    @property
+    def http_address(self) -> str:
+        """The router's OpenAI-compatible HTTP edge, host:port ("" when it is off)."""
+        return f"127.0.0.1:{self.config.http_port}" if self.config.http_port else ""
+
+    @property
+    def openai_base_url(self) -> str:
+        """What an OpenAI client's `base_url` is set to for this mesh."""
+        return f"http://{self.http_address}/v1" if self.http_address else ""
+
     def service_env(self) -> dict[str, str]:
         """The environment every service process gets."""
         assert self.triton is not None
@@ -224,6 +249,8 @@ class LocalMesh:
         for name in SERVICES:
             port = self.config.metrics_ports.get(name, 0)
             env[f"SHEPHERD_{name.upper()}_METRICS_PORT"] = str(port)
+        # Always set: a router left to its default (8080) would collide with `make run`.
+        env["SHEPHERD_ROUTER_HTTP_PORT"] = str(self.config.http_port)
         # Each router replica keeps usage that billing cannot take yet in its own spool.
         env["SHEPHERD_ROUTER_SPOOL_DIR"] = str(self.spool_dir(self.config.service_ports["router"]))
         return env
@@ -344,21 +371,27 @@ class LocalMesh:
 
     def _check_ports_free(self) -> None:
         """Refuse at once, before starting anything, when a service port is taken."""
-        wanted = [(name, port, "PORT") for name, port in self.config.service_ports.items()]
-        wanted += [
-            (name, port, "METRICS_PORT") for name, port in self.config.metrics_ports.items() if port
+        ports = [
+            (name, f"SHEPHERD_{name.upper()}_PORT", port)
+            for name, port in self.config.service_ports.items()
         ]
-        for name, port, variable in wanted:
+        if self.config.http_port:
+            ports.append(("router HTTP", "SHEPHERD_ROUTER_HTTP_PORT", self.config.http_port))
+        ports += [
+            (f"{name} /metrics", f"SHEPHERD_{name.upper()}_METRICS_PORT", port)
+            for name, port in self.config.metrics_ports.items()
+            if port
+        ]
+        for name, variable, port in ports:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 # A port left in TIME_WAIT by a mesh just stopped is free; a listener is not.
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind(("127.0.0.1", port))
                 except OSError:
-                    what = "/metrics of the" if variable == "METRICS_PORT" else "the"
                     raise MeshStartError(
-                        f"port {port} for {what} {name} service is in use: stop what holds it,"
-                        f" or set SHEPHERD_{name.upper()}_{variable} to another port"
+                        f"port {port} for the {name} service is in use: stop what holds it, or"
+                        f" set {variable} to another port"
                     ) from None
 
     def _wait_serving(self, name: str, deadline: float) -> None:
@@ -376,7 +409,8 @@ class LocalMesh:
         Every router replica is stateless: they share the scheduler, cache, billing and
         Redis, so budgets, limits and keys must hold across them (the tests check it).
         """
-        port = free_port()
+        port, http_port = free_ports(2)
+        http_port = http_port if self.config.http_port else 0
         address = f"127.0.0.1:{port}"
         log_path = self.log_dir / f"router-{port}.log"
         env = {
@@ -386,9 +420,15 @@ class LocalMesh:
             "SHEPHERD_ROUTER_METRICS_PORT": "0",
             **(extra_env or {}),
             "SHEPHERD_ROUTER_PORT": str(port),
+            "SHEPHERD_ROUTER_HTTP_PORT": str(http_port),
         }
         proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=log_path)
-        replica = Replica(address=address, process=proc, log_path=log_path)
+        replica = Replica(
+            address=address,
+            process=proc,
+            log_path=log_path,
+            http_address=f"127.0.0.1:{http_port}" if http_port else "",
+        )
         self.replicas.append(replica)
         wait_serving("router replica", proc, address, log_path, time.monotonic() + 60.0)
         return replica
@@ -440,9 +480,14 @@ class LocalMesh:
                 "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(int(old.address.rsplit(":")[1]))),
                 "SHEPHERD_ROUTER_METRICS_PORT": "0",
                 "SHEPHERD_ROUTER_PORT": old.address.rsplit(":")[1],
+                "SHEPHERD_ROUTER_HTTP_PORT": old.http_address.rsplit(":")[1]
+                if old.http_address
+                else "0",
             }
             proc = spawn([sys.executable, "-m", "services.router"], env=env, log_path=old.log_path)
-            self.replicas[self.replicas.index(old)] = Replica(old.address, proc, old.log_path)
+            self.replicas[self.replicas.index(old)] = Replica(
+                old.address, proc, old.log_path, old.http_address
+            )
             wait_serving("router replica", proc, old.address, old.log_path, deadline)
         return time.monotonic()
 
@@ -507,13 +552,19 @@ def banner(mesh: LocalMesh) -> str:
         else "the real hosted API (SHEPHERD_HOSTED_API_KEY is set)"
     )
     assert mesh.triton is not None
+    http = (
+        [f"  {'http':<10} {mesh.openai_base_url} (the router's OpenAI-compatible API)"]
+        if mesh.http_address
+        else []
+    )
     lines = [
         "",
         "Shepherd is up.",
         "",
         *(f"  {name:<10} {mesh.address(name)}" for name in reversed(SERVICES)),
+        *http,
         f"  {'triton':<10} {mesh.triton.config.grpc_url} (gRPC, explicit model control, "
-        "tiny_lm and echo_lm on CPU)",
+        "tiny_lm, echo_lm, embed_tiny and rag_tiny on CPU)",
         f"  {'hosted':<10} {hosted}",
         f"  {'redis':<10} {mesh.redis_url}",
         f"  {'logs':<10} {mesh.log_dir}",
@@ -531,6 +582,7 @@ def banner(mesh: LocalMesh) -> str:
         f"    -d '{stream_body}' \\",
         f"    {router} shepherd.router.v1.RouterService/ChatStream",
         "",
+        *openai_examples(mesh),
         "Your usage by day and model, with your own key:",
         f"  {grpcurl} -plaintext -H 'authorization: Bearer {mesh.dev_api_key}' -d '{{}}' \\",
         f"    {router} shepherd.router.v1.RouterService/GetUsage",
@@ -590,6 +642,33 @@ def observability_lines(mesh: LocalMesh) -> list[str]:
             "look each answer's traceId up there (in Jaeger's UI: /trace/<traceId>).",
         ]
     return lines
+
+
+def openai_examples(mesh: LocalMesh) -> list[str]:
+    """The banner's HTTP lines: curl (a JSON answer, then a stream) and the openai SDK."""
+    if not mesh.http_address:
+        return []
+    url, key = mesh.openai_base_url, mesh.dev_api_key
+    body = '{"model": "tiny", "messages": [{"role": "user", "content": "Hello, Shepherd"}]}'
+    stream_body = (
+        '{"model": "tiny-stream", "stream": true,'
+        ' "messages": [{"role": "user", "content": "Hello, Shepherd"}]}'
+    )
+    sdk = (
+        f'import openai; client = openai.OpenAI(base_url="{url}", api_key="{key}");'
+        ' print(client.chat.completions.create(model="tiny",'
+        ' messages=[{"role": "user", "content": "Hello, Shepherd"}]).choices[0].message.content)'
+    )
+    return [
+        "The OpenAI-compatible HTTP API on the same mesh, with curl (add -i for the cost,",
+        "placement and trace id headers), streamed, and with the openai SDK:",
+        f"  curl -sS {url}/chat/completions -H 'authorization: Bearer {key}' \\",
+        f"    -H 'content-type: application/json' -d '{body}'",
+        f"  curl -sSN {url}/chat/completions -H 'authorization: Bearer {key}' \\",
+        f"    -H 'content-type: application/json' -d '{stream_body}'",
+        f"  {sys.executable} -c '{sdk}'",
+        "",
+    ]
 
 
 def main() -> int:

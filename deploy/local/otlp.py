@@ -62,6 +62,11 @@ class Span:
     status_message: str = ""
     events: tuple[tuple[str, int], ...] = ()  # (name, time ns)
 
+    def attribute(self, key: str) -> Any:
+        """One attribute's value, None when the span has none; an array is a tuple."""
+        value = self.attributes.get(key)
+        return tuple(value) if isinstance(value, list) else value
+
     @property
     def duration_ms(self) -> float:
         return max(0, self.end_ns - self.start_ns) / 1e6

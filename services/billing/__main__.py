@@ -12,6 +12,7 @@ from libs.server import Binding, main, open_redis, redis_probe, run_server, setu
 from services.billing.admin import AdminServicer
 from services.billing.config import BillingConfig
 from services.billing.ledger import Ledger
+from services.billing.pools import PoolStore
 from services.billing.servicer import BillingServicer
 
 _BILLING = "/shepherd.billing.v1.BillingService/"
@@ -24,19 +25,21 @@ async def serve() -> None:
     client = open_redis(config.redis_url, config.redis_timeout_s)
     accounts = Accounts(client)
     ledger = Ledger(accounts, config.retention_s)
+    pools = PoolStore(client)
     bindings = [
         Binding(
             add=billing_pb2_grpc.add_BillingServiceServicer_to_server,
-            servicer=BillingServicer(catalog, ledger),
+            servicer=BillingServicer(catalog, ledger, pools),
             service=billing_pb2.DESCRIPTOR.services_by_name["BillingService"],
         ),
         Binding(
             add=admin_pb2_grpc.add_AdminServiceServicer_to_server,
-            servicer=AdminServicer(catalog, KeyStore(client), accounts, ledger),
+            servicer=AdminServicer(catalog, KeyStore(client), accounts, ledger, pools),
             service=admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
         ),
     ]
-    # Only the router records usage; operators may read reports with an admin key.
+    # Only the router records usage, and only schedulers pool usage (RecordPoolUsage, with
+    # the service token); operators may read reports with an admin key.
     access = AccessPolicy(
         config.credentials,
         {

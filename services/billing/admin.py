@@ -27,7 +27,8 @@ from libs.accounts import (
 from libs.apikeys import KeyInfo, KeyStore, valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
-from services.billing.ledger import Ledger
+from services.billing.ledger import Ledger, report_range
+from services.billing.pools import PoolHour, PoolStore, day_hours, hour_name, total
 from services.billing.servicer import TENANT_RULE, unreachable, usage_report
 
 _PERIODS = (
@@ -86,12 +87,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     """Keys, budgets, limits and reports, for callers holding an admin key."""
 
     def __init__(
-        self, catalog: Catalog, keys: KeyStore, accounts: Accounts, ledger: Ledger
+        self,
+        catalog: Catalog,
+        keys: KeyStore,
+        accounts: Accounts,
+        ledger: Ledger,
+        pools: PoolStore,
     ) -> None:
         self._catalog = catalog
         self._keys = keys
         self._accounts = accounts
         self._ledger = ledger
+        self._pools = pools
 
     async def IssueKey(
         self, request: admin_pb2.IssueKeyRequest, context: grpc.aio.ServicerContext
@@ -201,9 +208,62 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def GetTenantReport(
         self, request: admin_pb2.GetTenantReportRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetTenantReportResponse:
-        buckets, total = await usage_report(
-            self._ledger, request.tenant, request.start_day, request.end_day
+        report = await usage_report(
+            self._catalog,
+            self._ledger,
+            self._pools,
+            request.tenant,
+            request.start_day,
+            request.end_day,
         )
         return admin_pb2.GetTenantReportResponse(
-            tenant=request.tenant, buckets=buckets, total_cost=total
+            tenant=request.tenant,
+            buckets=report.buckets,
+            total_cost=report.total_cost,
+            total_gpu_cost=report.total_gpu_cost,
+            advice=report.advice,
+        )
+
+    async def GetPoolReport(
+        self, request: admin_pb2.GetPoolReportRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetPoolReportResponse:
+        """Each pool by UTC hour, and over the range (services/billing/pools.py)."""
+        if request.pool and request.pool not in self._catalog.pools:
+            raise invalid_argument(
+                [
+                    (
+                        "pool",
+                        f"unknown pool {request.pool!r}; the catalog has "
+                        f"{', '.join(sorted(self._catalog.pools))}",
+                    )
+                ]
+            )
+        first, last = report_range(request.start_day, request.end_day, utc_now().date())
+        hours = day_hours(first, last)
+        names = [request.pool] if request.pool else sorted(self._catalog.pools)
+        response = admin_pb2.GetPoolReportResponse()
+        try:
+            for name in names:
+                figures = await self._pools.hours(name, hours)
+                response.hours.extend(self._pool_usage(f, hour_name(f.hour)) for f in figures)
+                response.pools.append(self._pool_usage(total(name, figures), ""))
+        except RedisError as error:
+            raise unreachable(error, "the pool usage store") from error
+        return response
+
+    def _pool_usage(self, figures: PoolHour, hour: str) -> admin_pb2.PoolUsage:
+        pool = self._catalog.pools.get(figures.pool)
+        price = pool.gpu_cost_nano if pool is not None else (lambda _us: 0)
+        return admin_pb2.PoolUsage(
+            pool=figures.pool,
+            hour=hour,
+            busy_gpu_us=figures.busy_gpu_us,
+            wall_us=figures.wall_us,
+            capacity_gpu_us=figures.capacity_gpu_us,
+            utilisation=figures.utilisation,
+            executions=figures.executions,
+            rows=figures.rows,
+            batch_fill=figures.batch_fill,
+            capacity_cost=common_pb2.Money(nano_usd=price(figures.capacity_gpu_us)),
+            busy_cost=common_pb2.Money(nano_usd=price(figures.busy_gpu_us)),
         )

@@ -38,6 +38,10 @@ class UsageEntry:
     recorded_at: dt.datetime
     fingerprint: str = ""
     coalesced: bool = False  # shared from an identical request in flight: a cache hit
+    # Ran on a self-hosted node: its GPU time (GPU-microseconds) and what that cost.
+    self_hosted: bool = False
+    gpu_us: int = 0
+    gpu_cost_nano: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class Ledger:
             now=entry.recorded_at,
             retention_s=self._retention_s,
             coalesced=entry.coalesced,
+            gpu_us=entry.gpu_us,
+            gpu_cost_nano=entry.gpu_cost_nano,
+            self_hosted=entry.self_hosted,
         )
 
     async def tenant_totals(self, tenant: str) -> TenantTotals:

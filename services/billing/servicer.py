@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import metrics
@@ -11,12 +12,20 @@ from redis.exceptions import RedisError
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
 
-from libs.accounts import Aggregate, InvalidRecord, utc_now
+from libs.accounts import InvalidRecord, utc_now
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
 from libs.telemetry import child_span, set_tenant
-from services.billing.ledger import Bucket, Ledger, UsageEntry, report_range
+from services.billing.costs import advice, bucket_pb, usage_of
+from services.billing.ledger import Ledger, UsageEntry, report_range
+from services.billing.pools import (
+    PoolFiguresFull,
+    PoolStore,
+    day_hours,
+    delta_violations,
+    total,
+)
 
 TENANT_RULE = "is required: 1-64 letters, digits, '-' or '_'"
 NANO_PER_USD = 1_000_000_000
@@ -85,58 +94,64 @@ _meter.create_observable_counter(
 )
 
 
-def usage_of(totals: Aggregate) -> common_pb2.Usage:
-    return common_pb2.Usage(
-        prompt_tokens=totals.prompt_tokens,
-        completion_tokens=totals.completion_tokens,
-        total_tokens=totals.prompt_tokens + totals.completion_tokens,
-    )
-
-
-def buckets_of(buckets: list[Bucket]) -> list[common_pb2.UsageBucket]:
-    return [
-        common_pb2.UsageBucket(
-            day=b.day,
-            model=b.model,
-            requests=b.usage.requests,
-            usage=usage_of(b.usage),
-            cost=common_pb2.Money(nano_usd=b.usage.cost_nano),
-            cache_hits=b.usage.cache_hits,
-        )
-        for b in buckets
-    ]
-
-
 def unreachable(error: RedisError, what: str = "the billing ledger") -> ShepherdError:
     return ShepherdError(grpc.StatusCode.UNAVAILABLE, f"{what} is unreachable ({error})")
 
 
+@dataclass(frozen=True)
+class UsageReport:
+    """A tenant's usage report, as BillingService/GetUsage and AdminService/GetTenantReport
+    both answer it."""
+
+    buckets: list[common_pb2.UsageBucket]
+    total_cost: common_pb2.Money
+    total_gpu_cost: common_pb2.Money
+    advice: list[billing_pb2.CostAdvice]
+
+
 async def usage_report(
-    ledger: Ledger, tenant: str, start_day: str, end_day: str
-) -> tuple[list[common_pb2.UsageBucket], common_pb2.Money]:
-    """A tenant's usage by day and model: shared by BillingService and AdminService."""
+    catalog: Catalog, ledger: Ledger, pools: PoolStore, tenant: str, start_day: str, end_day: str
+) -> UsageReport:
+    """A tenant's usage by day and model, with what self-hosting cost and the cost advisor
+    (services/billing/costs.py)."""
     if not valid_tenant(tenant):
         raise invalid_argument([("tenant", TENANT_RULE)])
     first, last = report_range(start_day, end_day, utc_now().date())
     try:
-        buckets = buckets_of(await ledger.report(tenant, first, last))
+        buckets = await ledger.report(tenant, first, last)
+        names = {
+            model.self_hosted[0].pool
+            for b in buckets
+            if (model := catalog.models.get(b.model)) is not None and model.self_hosted
+        }
+        hours = day_hours(first, last)
+        measured = {name: total(name, await pools.hours(name, hours)) for name in sorted(names)}
     except RedisError as error:
         raise unreachable(error) from error
-    return buckets, common_pb2.Money(nano_usd=sum(b.cost.nano_usd for b in buckets))
+    rows = [bucket_pb(catalog, b) for b in buckets]
+    return UsageReport(
+        buckets=rows,
+        total_cost=common_pb2.Money(nano_usd=sum(b.cost.nano_usd for b in rows)),
+        total_gpu_cost=common_pb2.Money(nano_usd=sum(b.gpu_cost.nano_usd for b in rows)),
+        advice=advice(catalog, buckets, measured, (last - first).days + 1),
+    )
 
 
 # The most records one RecordUsageBatch may carry: bounds the work and memory of one call.
 MAX_BATCH_RECORDS = 1_000
 # The most tokens one record may report, prompt or completion: far above any model's window.
 MAX_RECORD_TOKENS = 100_000_000
+# The most GPU time one record may report: a day of a thousand GPUs.
+MAX_RECORD_GPU_US = 86_400 * 1_000 * 1_000_000
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     """Prices usage and keeps the ledger."""
 
-    def __init__(self, catalog: Catalog, ledger: Ledger) -> None:
+    def __init__(self, catalog: Catalog, ledger: Ledger, pools: PoolStore) -> None:
         self._catalog = catalog
         self._ledger = ledger
+        self._pools = pools
 
     async def RecordUsage(
         self, request: billing_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext
@@ -200,6 +215,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             # No request consumes this many; a count this large is a caller's bug, and the
             # ledger's aggregates must never be fed a value that could overflow them.
             violations.append(("usage", f"token counts must be at most {MAX_RECORD_TOKENS:,}"))
+        if not 0 <= request.gpu_us <= MAX_RECORD_GPU_US:
+            violations.append(("gpu_us", f"must be between 0 and {MAX_RECORD_GPU_US:,}"))
         if violations:
             raise invalid_argument(violations)
         model = self._catalog.resolve(request.model)
@@ -208,6 +225,23 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             cost = model.price.cost_nano(
                 request.usage.prompt_tokens, request.usage.completion_tokens
             )
+        # What it cost us: GPU time on a self-hosted node at its pool's price. A cache hit
+        # used none; a hosted deployment has none; a deployment this catalog does not know
+        # (renamed meanwhile) keeps its GPU time, priced at nothing rather than guessed.
+        deployment = self._catalog.deployment(model, request.deployment)
+        gpu_us = 0 if request.cache_hit else request.gpu_us
+        if gpu_us and deployment is not None and deployment.kind == "hosted":
+            raise invalid_argument(
+                [("gpu_us", f"{request.deployment} is a hosted API: it has no GPU time")]
+            )
+        self_hosted = (
+            not request.cache_hit and deployment is not None and deployment.kind == "triton"
+        )
+        gpu_cost = (
+            self._catalog.pools[deployment.pool].gpu_cost_nano(gpu_us)
+            if self_hosted and deployment is not None
+            else 0
+        )
         entry = UsageEntry(
             request_id=request.request_id,
             tenant=request.tenant,
@@ -220,6 +254,9 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             recorded_at=utc_now(),
             fingerprint=request.fingerprint,
             coalesced=request.coalesced and request.cache_hit,
+            self_hosted=self_hosted,
+            gpu_us=gpu_us,
+            gpu_cost_nano=gpu_cost,
         )
         try:
             recorded = await self._ledger.record(entry)
@@ -247,6 +284,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             cost=common_pb2.Money(nano_usd=recorded.cost_nano),
             duplicate=recorded.duplicate,
             capped=recorded.capped,
+            gpu_cost=common_pb2.Money(nano_usd=recorded.gpu_cost_nano),
         )
 
     async def GetTenantUsage(
@@ -264,6 +302,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             usage=usage_of(totals.overall),
             cost=common_pb2.Money(nano_usd=totals.overall.cost_nano),
             coalesced=totals.overall.coalesced,
+            gpu_us=totals.overall.gpu_us,
+            gpu_cost=common_pb2.Money(nano_usd=totals.overall.gpu_cost_nano),
             models=[
                 billing_pb2.ModelUsage(
                     model=name,
@@ -272,6 +312,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                     cost=common_pb2.Money(nano_usd=t.cost_nano),
                     cache_hits=t.cache_hits,
                     coalesced=t.coalesced,
+                    gpu_us=t.gpu_us,
+                    gpu_cost=common_pb2.Money(nano_usd=t.gpu_cost_nano),
                 )
                 for name, t in sorted(totals.models.items())
             ],
@@ -280,9 +322,33 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     async def GetUsage(
         self, request: billing_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> billing_pb2.GetUsageResponse:
-        buckets, total = await usage_report(
-            self._ledger, request.tenant, request.start_day, request.end_day
+        report = await usage_report(
+            self._catalog,
+            self._ledger,
+            self._pools,
+            request.tenant,
+            request.start_day,
+            request.end_day,
         )
         return billing_pb2.GetUsageResponse(
-            tenant=request.tenant, buckets=buckets, total_cost=total
+            tenant=request.tenant,
+            buckets=report.buckets,
+            total_cost=report.total_cost,
+            total_gpu_cost=report.total_gpu_cost,
+            advice=report.advice,
         )
+
+    async def RecordPoolUsage(
+        self, request: billing_pb2.RecordPoolUsageRequest, context: grpc.aio.ServicerContext
+    ) -> billing_pb2.RecordPoolUsageResponse:
+        """A scheduler's figures of its pools (services/billing/pools.py)."""
+        violations = delta_violations(request)
+        if violations:
+            raise invalid_argument(violations)
+        try:
+            recorded = await self._pools.record(request)
+        except PoolFiguresFull as error:
+            raise invalid_argument([("deltas", str(error))]) from error
+        except RedisError as error:
+            raise unreachable(error, "the pool usage store") from error
+        return billing_pb2.RecordPoolUsageResponse(duplicate=bool(request.deltas) and not recorded)

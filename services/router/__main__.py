@@ -14,6 +14,8 @@ from libs.peers import open_channel
 from libs.server import Binding, main, open_redis, redis_probe, run_server, setup_process
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
+from services.router.embeddings import EmbedPipeline
+from services.router.http_edge import HttpEdge
 from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
 from services.router.servicer import RouterServicer
@@ -47,7 +49,16 @@ async def serve() -> None:
         usage,
         spool,
     )
-    servicer = RouterServicer(config, catalog, authenticator, pipeline, billing_stub)
+    embed = EmbedPipeline.beside(pipeline)
+    servicer = RouterServicer(
+        config, catalog, authenticator, pipeline, billing_stub, embeddings=embed
+    )
+    # The OpenAI-compatible HTTP edge: the same pipelines, on the same event loop.
+    edges = (
+        [HttpEdge(config.server.host, config.http_port, pipeline, catalog, authenticator, embed)]
+        if config.http_port
+        else []
+    )
 
     async def close_spool() -> None:
         await spool.close(timeout_s=config.server.grace_s)
@@ -68,6 +79,7 @@ async def serve() -> None:
         cleanups=[usage.close, close_spool, close_channels, redis_client.aclose],
         # API keys, budgets and rate limits are in Redis: without it no call can be admitted.
         readiness=[redis_probe(config.redis_url)],
+        edges=edges,
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.config import (
+    DEFAULT_ROUTER_HTTP_PORT,
     REPO_ROOT,
     ConfigError,
     ServerConfig,
@@ -61,6 +62,13 @@ class RouterConfig:
     spool_max_records: int
     # How long a spooled request's reservation is kept while its usage waits for billing.
     spool_hold_s: float
+    # The OpenAI-compatible HTTP edge (services/router/http_edge.py) listens on this port, on
+    # the same host as gRPC; 0 turns it off.
+    http_port: int = DEFAULT_ROUTER_HTTP_PORT
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.server.host}:{self.http_port}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -76,6 +84,14 @@ class RouterConfig:
             str(REPO_ROOT / ".run" / "spool" / f"router-{server.port}"),
             env,
         )
+        http_port = env_int(
+            "SHEPHERD_ROUTER_HTTP_PORT", DEFAULT_ROUTER_HTTP_PORT, minimum=0, maximum=65535, env=env
+        )
+        if http_port == server.port:
+            raise ConfigError(
+                f"SHEPHERD_ROUTER_HTTP_PORT={http_port} is the router's gRPC port too: give the"
+                " HTTP edge a port of its own (or 0 to turn it off)"
+            )
         return cls(
             server=server,
             telemetry=TelemetryConfig.from_env("router", env),
@@ -110,4 +126,5 @@ class RouterConfig:
                 "SHEPHERD_ROUTER_SPOOL_MAX_RECORDS", 100_000, minimum=1, env=env
             ),
             spool_hold_s=env_float("SHEPHERD_ROUTER_SPOOL_HOLD_S", 3600.0, minimum=1.0, env=env),
+            http_port=http_port,
         )

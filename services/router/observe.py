@@ -70,14 +70,18 @@ class ChatObserver:
         return self._catalog.models.get(canonical) if canonical else None
 
     async def observe(
-        self, events: AsyncIterator[ChatEvent], request: ChatLike, method: str
+        self,
+        events: AsyncIterator[ChatEvent],
+        request: ChatLike,
+        method: str,
+        operation: str = genai.OPERATION_CHAT,
     ) -> AsyncIterator[ChatEvent]:
         """Yield the pipeline's `events` unchanged, inside the chat's span; see the module."""
         started = time.perf_counter()
         model = self._model(request.model)
         requested = request.model[:_MAX_MODEL_CHARS]
         attributes: dict[str, Any] = {
-            genai.OPERATION_NAME: genai.OPERATION_CHAT,
+            genai.OPERATION_NAME: operation,
             genai.REQUEST_MODEL: requested,
         }
         params = request.params  # as the caller sent them: 0 means the default
@@ -89,7 +93,7 @@ class ChatObserver:
         if params.HasField("seed"):
             attributes[genai.REQUEST_SEED] = params.seed
         span = _tracer.start_span(
-            genai.chat_span_name(requested), kind=SpanKind.CLIENT, attributes=attributes
+            genai.chat_span_name(requested, operation), kind=SpanKind.CLIENT, attributes=attributes
         )
         ending: Ending | None = None
         first_token_s: float | None = None
@@ -115,13 +119,23 @@ class ChatObserver:
             raise
         finally:
             self._finish(
-                span, method, model, requested, ending, code, error_type, started, first_token_s
+                span,
+                method,
+                operation,
+                model,
+                requested,
+                ending,
+                code,
+                error_type,
+                started,
+                first_token_s,
             )
 
     def _finish(
         self,
         span: trace.Span,
         method: str,
+        operation: str,
         model: Model | None,
         requested: str,
         ending: Ending | None,
@@ -139,7 +153,7 @@ class ChatObserver:
         else:
             provider = genai.PROVIDER_UNPLACED
         metric_attributes: dict[str, Any] = {
-            genai.OPERATION_NAME: genai.OPERATION_CHAT,
+            genai.OPERATION_NAME: operation,
             genai.PROVIDER_NAME: provider,
             genai.REQUEST_MODEL: model.name if model is not None else _OTHER,
         }

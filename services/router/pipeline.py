@@ -32,9 +32,11 @@ from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from libs import genai
 from libs.catalog import Catalog, Model
-from libs.errors import ShepherdError, from_rpc_error, status_code
+from libs.errors import ShepherdError, from_rpc_error, invalid_argument, status_code
 from libs.fingerprint import is_cacheable, request_fingerprint
+from libs.generation import task_violations
 from libs.retry import RetryPolicy
 from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
@@ -101,6 +103,10 @@ class Ending:
     usage_estimated: bool = False
     seed: int | None = None  # what a sampled answer was generated with, to reproduce it
     coalesced: bool = False  # shared from an identical request in flight (single-flight)
+    # The documents a retrieval-augmented model answered from, best first (else empty).
+    document_ids: Sequence[str] = ()
+    # An embedding model's vectors, one per input (services/router/embeddings.py).
+    embeddings: Sequence[common_pb2.Embedding] = ()
 
 
 ChatEvent = Text | Ending
@@ -120,7 +126,15 @@ class _Request:
 
 
 class ChatPipeline:
-    """The router's request path, shared by every transport."""
+    """The router's request path, shared by every transport.
+
+    `task` is the kind of model it serves; EmbedPipeline (services/router/embeddings.py) runs
+    the same path for embedding models, with its own parameters and compute step.
+    """
+
+    task = "chat"
+    # What its runs are in the GenAI conventions' words (observe.py).
+    operation = genai.OPERATION_CHAT
 
     def __init__(
         self,
@@ -166,6 +180,7 @@ class ChatPipeline:
             self._run(request, metadata, time_remaining_s, deltas),
             request,
             method or ("ChatStream" if deltas else "Chat"),
+            self.operation,
         )
 
     async def _run(
@@ -181,7 +196,10 @@ class ChatPipeline:
                 grpc.StatusCode.INVALID_ARGUMENT, "model is required (call ListModels to see them)"
             )
         model = self._catalog.resolve(request.model)
-        params = resolved_params(request, model)
+        wrong_task = task_violations(model, self.task)
+        if wrong_task:
+            raise invalid_argument(wrong_task)
+        params = self._params(request, model)
         request_id = request.request_id or uuid.uuid4().hex
         timeout_s = self._config.default_timeout_s if time_remaining_s is None else time_remaining_s
         fingerprint = request_fingerprint(model.name, request.messages, params)
@@ -213,6 +231,10 @@ class ChatPipeline:
         async for event in self._generate(request, chat, lookup, deltas):
             yield event
 
+    def _params(self, request: ChatLike, model: Model) -> common_pb2.GenerationParams:
+        """Validate the request; its parameters with the model's defaults filled in."""
+        return resolved_params(request, model)
+
     async def _replay(
         self,
         chat: _Request,
@@ -238,6 +260,8 @@ class ChatPipeline:
             cache_hit=True,
             seed=completion.seed if completion.HasField("seed") else None,
             coalesced=coalesced,
+            document_ids=completion.document_ids,
+            embeddings=completion.embeddings,
         )
 
     async def _follow(
@@ -448,6 +472,7 @@ class ChatPipeline:
                 usage=final.usage,
                 placement=final.placement,
                 seed=seed,
+                document_ids=final.document_ids,
             )
             if leadership is not None:
                 # An answer that may not be cached (e.g. filtered) still goes to followers.
@@ -463,6 +488,7 @@ class ChatPipeline:
             cache_hit=False,
             estimated=final.usage_estimated,
             seed=seed,
+            document_ids=final.document_ids,
         )
 
     def _ending(
@@ -477,7 +503,16 @@ class ChatPipeline:
         estimated: bool = False,
         seed: int | None = None,
         coalesced: bool = False,
+        document_ids: Sequence[str] = (),
+        embeddings: Sequence[common_pb2.Embedding] = (),
     ) -> Ending:
+        if cache_hit and placement.batch_id:
+            # A replayed answer ran on no GPU now: where it was computed, without its GPU time.
+            replayed = common_pb2.Placement()
+            replayed.CopyFrom(placement)
+            for name in ("gpu_us", "batch_gpu_us", "batch_id"):
+                replayed.ClearField(name)
+            placement = replayed
         return Ending(
             request_id=chat.request_id,
             model=chat.model.name,
@@ -490,6 +525,8 @@ class ChatPipeline:
             usage_estimated=estimated,
             seed=seed,
             coalesced=coalesced,
+            document_ids=document_ids,
+            embeddings=embeddings,
         )
 
     async def _lookup(self, request: ChatLike, chat: _Request) -> cache_pb2.LookupResponse:
@@ -548,6 +585,7 @@ class ChatPipeline:
             usage=used,
             cache_hit=cache_hit,
             coalesced=coalesced,
+            gpu_us=0 if cache_hit else placement.gpu_us,
             fingerprint=chat.fingerprint,
             # Records go to billing in groups: each carries its own request's trace.
             traceparent=dict(trace_metadata()).get("traceparent", ""),

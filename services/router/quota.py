@@ -153,8 +153,12 @@ class Quota:
         max_tokens: int,
         timeout_s: float,
     ) -> Ticket:
-        """Reserve the request's worst case and its rate-limit place, or raise why not."""
-        prompt_bound = prompt_token_bound(messages)
+        """Reserve the request's worst case and its rate-limit place, or raise why not.
+
+        A model whose deployment adds context to the prompt (a RAG model's documents, which
+        its backend counts and bills) reserves for that too (`context_tokens`).
+        """
+        prompt_bound = prompt_token_bound(messages) + model.context_tokens
         worst = model.price.cost_nano(prompt_bound, max_tokens)
         member = uuid.uuid4().hex
         lease_ms = int((timeout_s + self._config.lease_grace_s) * 1000)

@@ -1,8 +1,9 @@
 """The RouterService RPCs: thin gRPC adapters over the transport-neutral chat pipeline.
 
 Chat collects the pipeline's events into one answer; ChatStream forwards them as they come
-(services/router/pipeline.py owns the request path itself). ListModels and GetUsage read the
-catalog and the caller's own usage.
+(services/router/pipeline.py owns the request path itself); Embed runs the same path for an
+embedding model (services/router/embeddings.py). ListModels and GetUsage read the catalog
+and the caller's own usage.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from libs.errors import from_rpc_error
 from libs.server import outbound_timeout
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
+from services.router.embeddings import EmbedPipeline
 from services.router.pipeline import FINISH_TEXT, ChatPipeline, Ending, Text
+
+_TASKS = {"chat": router_pb2.MODEL_TASK_CHAT, "embedding": router_pb2.MODEL_TASK_EMBEDDING}
 
 
 def _final(ending: Ending) -> router_pb2.ChatFinal:
@@ -35,6 +39,7 @@ def _final(ending: Ending) -> router_pb2.ChatFinal:
         usage_estimated=ending.usage_estimated,
         seed=ending.seed,
         coalesced=ending.coalesced,
+        document_ids=ending.document_ids,
     )
 
 
@@ -48,12 +53,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         authenticator: Authenticator,
         pipeline: ChatPipeline,
         billing: billing_pb2_grpc.BillingServiceStub,
+        embeddings: EmbedPipeline | None = None,
     ) -> None:
         self._config = config
         self._catalog = catalog
         self._auth = authenticator
         self._pipeline = pipeline
         self._billing = billing
+        self._embeddings = embeddings or EmbedPipeline.beside(pipeline)
 
     async def Chat(
         self, request: router_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -79,6 +86,25 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             cache_hit=ending.cache_hit,
             trace_id=ending.trace_id,
             seed=ending.seed,
+            coalesced=ending.coalesced,
+            document_ids=ending.document_ids,
+        )
+
+    async def Embed(
+        self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.EmbedResponse:
+        ending = await self._embeddings.embed(
+            request, context.invocation_metadata() or (), context.time_remaining()
+        )
+        return router_pb2.EmbedResponse(
+            request_id=ending.request_id,
+            model=ending.model,
+            embeddings=ending.embeddings,
+            usage=ending.usage,
+            cost=ending.cost,
+            placement=ending.placement,
+            cache_hit=ending.cache_hit,
+            trace_id=ending.trace_id,
             coalesced=ending.coalesced,
         )
 
@@ -110,6 +136,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                         nano_usd=model.price.output_nano_per_million
                     ),
                     deployments=[d.name for d in model.deployments],
+                    task=_TASKS[model.task],
                 )
                 for model in self._catalog.models.values()
             ]
@@ -128,6 +155,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "billing") from error
+        # What the tenant's GPU time cost Shepherd, and what hosting it elsewhere would have,
+        # are the operator's figures (AdminService/GetTenantReport): a tenant sees its own
+        # GPU time, as its answers show it, and what it was billed.
+        for bucket in report.buckets:
+            for name in ("gpu_cost", "hosted_equivalent_cost", "savings"):
+                bucket.ClearField(name)
         return router_pb2.GetUsageResponse(
             tenant=tenant, buckets=report.buckets, total_cost=report.total_cost
         )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
+from shepherd.billing.v1 import billing_pb2_grpc
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Pool, load_catalog
 from libs.credentials import Access, AccessPolicy
+from libs.peers import open_channel
 from libs.server import Binding, main, run_server, setup_process
+from libs.tasks import supervise
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
 from services.scheduler.config import SchedulerConfig
@@ -17,6 +21,7 @@ from services.scheduler.dispatch import Dispatcher
 from services.scheduler.hosted import HostedBackend, HostedClient, HostedConfig
 from services.scheduler.nodes import pools_for
 from services.scheduler.placement import Placer
+from services.scheduler.poolusage import PoolUsage
 from services.scheduler.queue import ModelQueue
 from services.scheduler.readiness import ModelsProbe
 from services.scheduler.servicer import SchedulerServicer
@@ -71,8 +76,25 @@ async def serve() -> None:
         name: ModelStats(name, max_batch_size=model.batching.max_batch_size)
         for name, model in catalog.models.items()
     }
+    # The pools' hourly figures go to billing, which keeps them (poolusage.py).
+    billing = open_channel(config.billing_addr, config.credentials) if config.billing_addr else None
+    usage = None
+    if billing is not None:
+        usage = PoolUsage(
+            pools,
+            catalog,
+            billing_pb2_grpc.BillingServiceStub(billing),
+            config.pool_usage_interval_s,
+        )
+    else:
+        _log.warning("SHEPHERD_BILLING_ADDR is not set: the pools' hourly usage is not kept")
+    triton = TritonBackend(usage)
     dispatcher = Dispatcher(
-        pools, TritonBackend(), HostedBackend(hosted_clients), stats, config.hosted_inflight_batches
+        pools,
+        triton,
+        HostedBackend(hosted_clients),
+        stats,
+        config.hosted_inflight_batches,
     )
     batchers = {
         name: Batcher(
@@ -89,6 +111,7 @@ async def serve() -> None:
         await pool.start()
     for batcher in batchers.values():
         batcher.start()
+    reporting = supervise("pool-usage", usage.run) if usage is not None else None
 
     async def close_scheduling() -> None:
         for batcher in batchers.values():
@@ -98,6 +121,11 @@ async def serve() -> None:
         for pool in pools.values():
             await pool.close()
         await dispatcher.close()
+        if reporting is not None and usage is not None and billing is not None:
+            reporting.cancel()
+            await asyncio.gather(reporting, return_exceptions=True)
+            await usage.close()  # what the last batches did
+            await billing.close()
 
     binding = Binding(
         add=scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
@@ -108,6 +136,7 @@ async def serve() -> None:
             pools,
             placers,
             config.default_timeout_s,
+            triton.metering,
         ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )

@@ -6,7 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from libs.config import ServerConfig, TelemetryConfig, catalog_path, env_float, env_int
+from libs.config import (
+    ServerConfig,
+    TelemetryConfig,
+    catalog_path,
+    env_address,
+    env_float,
+    env_int,
+    env_str,
+)
 from libs.credentials import Credentials
 from libs.retry import RetryPolicy
 from services.scheduler.breaker import BreakerConfig
@@ -29,6 +37,10 @@ class SchedulerConfig:
     hosted_inflight_batches: int
     health: HealthConfig
     placement: PlacementConfig
+    # Where pool usage goes (services/scheduler/poolusage.py): billing's address, given
+    # explicitly (SHEPHERD_BILLING_ADDR); empty: the pools' hourly figures are not kept.
+    billing_addr: str = ""
+    pool_usage_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerConfig:
@@ -84,5 +96,13 @@ class SchedulerConfig:
                 load_timeout_s=env_float(
                     "SHEPHERD_SCHEDULER_LOAD_TIMEOUT_S", 120.0, minimum=0.1, env=env
                 ),
+            ),
+            billing_addr=(
+                env_address("SHEPHERD_BILLING_ADDR", "", env)
+                if env_str("SHEPHERD_BILLING_ADDR", "", env)
+                else ""
+            ),
+            pool_usage_interval_s=env_float(
+                "SHEPHERD_SCHEDULER_POOL_USAGE_INTERVAL_S", 1.0, minimum=0.01, env=env
             ),
         )

@@ -253,8 +253,8 @@ class Dispatcher:
                 for item in live:
                     item.settle(error)
                 return []
-            latency_s = time.monotonic() - started
-            lease.release(latency_s=latency_s)
+            lease.release(latency_s=time.monotonic() - started)  # unless the backend did
+            latency_s = lease.latency_s or time.monotonic() - started
             self._stats[model.name].dispatched(latency_s, lease.address, True)
             span.set_attribute("shepherd.deployment", deployment.name)
             span.set_attribute("shepherd.triton.node", lease.address)
@@ -371,4 +371,5 @@ class Dispatcher:
         return retry
 
     async def close(self) -> None:
+        await self._triton.close()
         await self._hosted.close()

@@ -68,13 +68,18 @@ class ModelState(Enum):
 
 @dataclass
 class ModelOnNode:
-    """One model's copy on one node: its footprint, batches in flight and last use."""
+    """One model's copy on one node: its footprint, batches in flight and last use.
+
+    An ensemble names its `steps`: a batch of the ensemble counts as in flight on each of
+    them too (and uses them), so none is evicted while the ensemble runs.
+    """
 
     name: str
     memory_mb: int
     state: ModelState
     inflight: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    steps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,11 +208,22 @@ class Node:
 class Lease:
     """A granted slot on one node for one batch; release it exactly once."""
 
-    def __init__(self, pool: NodePool, node: Node, deployment: Deployment) -> None:
+    def __init__(
+        self,
+        pool: NodePool,
+        node: Node,
+        deployment: Deployment,
+        used: tuple[ModelOnNode, ...] = (),
+    ) -> None:
         self._pool = pool
         self.node = node
         self.deployment = deployment
+        # The copies the batch counts as in flight on: the model's, and an ensemble's steps.
+        self.used = used
         self._released = False
+        # The batch's time on the node, once released with one: the backend gives the slot
+        # back as soon as the node is done, before the answers go out.
+        self.latency_s: float | None = None
 
     @property
     def address(self) -> str:
@@ -218,6 +234,7 @@ class Lease:
         if self._released:
             return
         self._released = True
+        self.latency_s = latency_s
         self._pool.released(self, latency_s, failure)
 
 
@@ -233,6 +250,10 @@ class PlacementPolicy(Protocol):
     """Decides where to load a model that no free node holds (see placement.py)."""
 
     def consider(self, pool: NodePool, deployment: Deployment, exclude: frozenset[str]) -> None: ...
+
+    def load_failure(self, pool: NodePool, deployment: Deployment) -> str:
+        """Why no node of `pool` can load `deployment` now, when each refused it; else ""."""
+        ...
 
 
 ClientFactory = Callable[[str], triton.InferenceServerClient]
@@ -274,6 +295,16 @@ class NodePool:
         self.health = health
         self.placement = placement
         self._deployments = {d.backend_model: d for d in deployments}
+        # What each Triton model takes and, for an ensemble, its steps: for models found
+        # loaded (adopted, or loaded with an ensemble) that no deployment of their own names.
+        self._memory: dict[str, int] = {}
+        self._steps: dict[str, tuple[str, ...]] = {}
+        for deployment in self._deployments.values():
+            for step in deployment.steps:
+                self._memory.setdefault(step.model, step.memory_mb)
+            self._steps[deployment.backend_model] = tuple(s.model for s in deployment.steps)
+        for deployment in self._deployments.values():
+            self._memory[deployment.backend_model] = deployment.memory_mb
         self._client_factory = client_factory
         self.nodes: dict[str, Node] = {}
         self._waiters: list[_Waiter] = []
@@ -364,6 +395,18 @@ class NodePool:
                 continue
             if self.placement is not None:
                 self.placement.consider(self, waiter.deployment, waiter.exclude)
+                refused = self.placement.load_failure(self, waiter.deployment)
+                if refused:
+                    # Every node refused to load it (a step missing from the repository, a
+                    # broken config): waiting would only run into the deadline.
+                    self._waiters.remove(waiter)
+                    waiter.future.set_exception(
+                        ShepherdError(
+                            grpc.StatusCode.UNAVAILABLE,
+                            f"Triton pool {self.pool.name!r} cannot load "
+                            f"{waiter.deployment.backend_model}: {refused}",
+                        )
+                    )
             elif all(n.state is NodeState.HEALTHY for n in possible) and not any(
                 waiter.deployment.backend_model in n.models for n in possible
             ):
@@ -400,21 +443,29 @@ class NodePool:
         first, second = random.sample(candidates, 2)
         return first if first.score() <= second.score() else second
 
+    def loaded(self, name: str) -> ModelOnNode:
+        """A READY entry for a model found loaded on a node, with its footprint and steps."""
+        return ModelOnNode(
+            name, self._memory.get(name, 0), ModelState.READY, steps=self._steps.get(name, ())
+        )
+
     def _grant(self, waiter: _Waiter, node: Node, now: float) -> None:
         self._waiters.remove(waiter)
         node.inflight += 1
         copy = node.models[waiter.deployment.backend_model]
-        copy.inflight += 1
-        copy.last_used = now
-        waiter.future.set_result(Lease(self, node, waiter.deployment))
+        used = (copy, *(node.models[s] for s in copy.steps if s in node.models))
+        for entry in used:
+            entry.inflight += 1
+            entry.last_used = now
+        waiter.future.set_result(Lease(self, node, waiter.deployment, used))
 
     def released(self, lease: Lease, latency_s: float | None, failure: str) -> None:
         node = lease.node
         node.inflight -= 1
-        copy = node.models.get(lease.deployment.backend_model)
-        if copy is not None:
-            copy.inflight -= 1
-            copy.last_used = time.monotonic()
+        now = time.monotonic()
+        for entry in lease.used:
+            entry.inflight -= 1
+            entry.last_used = now
         if failure:
             node.failed(failure, self.health)
         elif latency_s is not None:
@@ -438,7 +489,7 @@ class NodePool:
         name = deployment.backend_model
         return any(
             node.ready(name)
-            or (self.placement is not None and node.memory_total_mb >= deployment.memory_mb)
+            or (self.placement is not None and node.memory_total_mb >= deployment.footprint_mb)
             for node in self.nodes.values()
             if node.answering()
         )
@@ -464,10 +515,7 @@ class NodePool:
         for entry in index.get("models", []):
             name = entry.get("name", "")
             if entry.get("state") == "READY" and name and name not in node.models:
-                deployment = self._deployments.get(name)
-                node.models[name] = ModelOnNode(
-                    name, deployment.memory_mb if deployment else 0, ModelState.READY
-                )
+                node.models[name] = self.loaded(name)
         node.succeeded(None, self.health.ema_alpha)
         await self._probe_memory(node)
 
@@ -530,10 +578,7 @@ class NodePool:
                     continue  # a load or unload is in progress; placement owns it
                 ready = await node.client.is_model_ready(name, client_timeout=timeout)
                 if ready and copy is None:
-                    deployment = self._deployments.get(name)
-                    node.models[name] = ModelOnNode(
-                        name, deployment.memory_mb if deployment else 0, ModelState.READY
-                    )
+                    node.models[name] = self.loaded(name)
                 elif not ready and copy is not None and copy.inflight == 0:
                     _log.warning(
                         "model no longer ready", extra={"node": node.address, "model": name}

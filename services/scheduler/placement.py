@@ -14,6 +14,15 @@ clients is a race. Shepherd is the only client that loads and unloads, so it can
   evicts another model.
 * Loads and unloads on one node run one at a time (a per-node lock), and requests for a model
   that is loading simply keep waiting in its queue.
+* An ensemble (a deployment with `steps`) is loaded with its composing models: Triton loads
+  them together, so room is made for the ensemble and the steps the node lacks. A batch of
+  the ensemble counts as in flight on each step (nodes.py), so no step it uses is evicted; a
+  step is evicted only after the ensembles on that node that use it (unloading a step would
+  take its ensembles down with it), and an unloaded ensemble leaves its steps loaded, for
+  other models to use or for LRU eviction later.
+* A load that every node refuses (a step missing from the model repository, a broken config)
+  fails the requests waiting for it at once, naming Triton's reason, instead of letting them
+  wait for their deadline; the node is asked again after a back-off.
 
 Every load, unload and failed load is kept as a PlacementEvent for GetStats and logged.
 """
@@ -69,6 +78,8 @@ class Placer:
         self._config = config
         self.events: deque[PlacementEvent] = deque(maxlen=config.max_events)
         self._backoff: dict[tuple[str, str], float] = {}
+        # Why a node refused to load a model (it answered, and said no), until the back-off.
+        self._refusals: dict[tuple[str, str], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def consider(self, pool: NodePool, deployment: Deployment, exclude: frozenset[str]) -> None:
@@ -89,7 +100,8 @@ class Placer:
             and n.address not in exclude
             and n.usable(now)
             and self._backoff.get((n.address, name), 0.0) <= now
-            and n.memory_total_mb >= deployment.memory_mb
+            and n.memory_total_mb >= deployment.footprint_mb
+            and not _steps_changing(n, deployment)
         ]
         if not candidates:
             return
@@ -101,44 +113,53 @@ class Placer:
         node, victims = choice
         for victim in victims:
             victim.state = ModelState.EVICTING
-        node.models[name] = ModelOnNode(name, deployment.memory_mb, ModelState.LOADING)
+        steps = tuple(step.model for step in deployment.steps)
+        node.models[name] = ModelOnNode(name, deployment.memory_mb, ModelState.LOADING, steps=steps)
+        # The steps the node lacks load with the ensemble.
+        arriving = [step for step in deployment.steps if step.model not in node.models]
+        for step in arriving:
+            node.models[step.model] = ModelOnNode(step.model, step.memory_mb, ModelState.LOADING)
         reason = "first use" if not holders else "hot: every copy is busy"
         task = asyncio.get_running_loop().create_task(
-            self._load(pool, node, deployment, victims, reason), name=f"load:{name}@{node.address}"
+            self._load(pool, node, deployment, victims, reason, [s.model for s in arriving]),
+            name=f"load:{name}@{node.address}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(log_failure)
 
+    def load_failure(self, pool: NodePool, deployment: Deployment) -> str:
+        """Why no node can load `deployment` now, when every node that could refused it.
+
+        Only while no node holds or is loading the model, and each node that is not gone
+        refused it within its back-off; the reasons are Triton's own, per node.
+        """
+        name = deployment.backend_model
+        nodes = [n for n in pool.nodes.values() if not n.gone]
+        if not nodes or any(name in n.models for n in nodes):
+            return ""
+        now = time.monotonic()
+        reasons = []
+        for node in nodes:
+            refusal = self._refusals.get((node.address, name))
+            if refusal is None or self._backoff.get((node.address, name), 0.0) <= now:
+                return ""
+            reasons.append(f"node {node.address}: {refusal}")
+        return "; ".join(reasons)
+
     @staticmethod
     def _choose(
         candidates: list[Node], deployment: Deployment, may_evict: bool
     ) -> tuple[Node, list[ModelOnNode]] | None:
-        fits = [
-            n for n in candidates if n.memory_total_mb - n.memory_used_mb >= deployment.memory_mb
-        ]
+        fits = [n for n in candidates if _free_mb(n) >= _needed_mb(n, deployment)]
         if fits:
-            return max(fits, key=lambda n: n.memory_total_mb - n.memory_used_mb), []
+            return max(fits, key=_free_mb), []
         if not may_evict:
             return None
         best: tuple[float, Node, list[ModelOnNode]] | None = None
         for node in candidates:
-            idle = sorted(
-                (
-                    m
-                    for m in node.models.values()
-                    if m.state is ModelState.READY and m.inflight == 0
-                ),
-                key=lambda m: m.last_used,
-            )
-            free = node.memory_total_mb - node.memory_used_mb
-            victims: list[ModelOnNode] = []
-            for model in idle:
-                if free >= deployment.memory_mb:
-                    break
-                victims.append(model)
-                free += model.memory_mb
-            if free < deployment.memory_mb:
+            victims = _victims(node, deployment)
+            if victims is None:
                 continue  # even evicting every idle model would not make room here
             staleness = max(m.last_used for m in victims)
             if best is None or staleness < best[0]:
@@ -152,14 +173,18 @@ class Placer:
         deployment: Deployment,
         victims: list[ModelOnNode],
         reason: str,
+        arriving: list[str] | None = None,
     ) -> None:
+        """Load `deployment` (and, for an ensemble, the steps `arriving` with it)."""
         name = deployment.backend_model
+        arriving = arriving or []
         try:
             async with node.load_lock:
                 started = time.monotonic()
                 for victim in victims:
                     if not await self._unload(node, victim, f"evicted (LRU, idle) to load {name}"):
-                        node.models.pop(name, None)
+                        for model in (name, *arriving):
+                            node.models.pop(model, None)
                         self._record(
                             node, name, LOAD_FAILED, "no room: an eviction failed", started
                         )
@@ -171,23 +196,54 @@ class Placer:
                     self._backoff[(node.address, name)] = (
                         time.monotonic() + self._config.failed_load_backoff_s
                     )
-                    self._record(node, name, LOAD_FAILED, error.message(), started)
                     if "StatusCode.UNAVAILABLE" == error.status():
                         node.failed(f"load {name}: {error.message()}", pool.health)
+                    else:
+                        self._refusals[(node.address, name)] = error.message()
+                    self._record(node, name, LOAD_FAILED, error.message(), started)
+                    # Triton may have loaded some steps before the ensemble failed: keep
+                    # those it reports ready (they take memory), forget the others.
+                    await self._settle_steps(node, name, arriving, started)
                     return
-                node.models[name].state = ModelState.READY
-                node.models[name].last_used = time.monotonic()
+                self._refusals.pop((node.address, name), None)
+                now = time.monotonic()
+                for model in (name, *arriving):
+                    node.models[model].state = ModelState.READY
+                    node.models[model].last_used = now
                 self._record(node, name, LOAD, reason, started)
+                for step in arriving:
+                    self._record(node, step, LOAD, f"a step of ensemble {name}", started)
         finally:
             # A load that ended any other way (a client bug, cancellation at shutdown) must not
             # leave the model LOADING for ever, a state no request would ever be placed on.
-            entry = node.models.get(name)
-            if entry is not None and entry.state is ModelState.LOADING:
-                node.models.pop(name, None)
-                self._backoff[(node.address, name)] = (
-                    time.monotonic() + self._config.failed_load_backoff_s
-                )
+            for model in (name, *arriving):
+                entry = node.models.get(model)
+                if entry is not None and entry.state is ModelState.LOADING:
+                    node.models.pop(model, None)
+                    self._backoff[(node.address, model)] = (
+                        time.monotonic() + self._config.failed_load_backoff_s
+                    )
             pool.pump()
+
+    async def _settle_steps(
+        self, node: Node, ensemble: str, arriving: list[str], started: float
+    ) -> None:
+        """After a failed ensemble load: its steps Triton loaded stay, as models of their own."""
+        for step in arriving:
+            try:
+                ready = await node.client.is_model_ready(
+                    step, client_timeout=self._config.unload_timeout_s
+                )
+            except InferenceServerException:
+                ready = False
+            if ready:
+                node.models[step].state = ModelState.READY
+                node.models[step].last_used = time.monotonic()
+                self._record(
+                    node, step, LOAD, f"a step of ensemble {ensemble}, whose load failed", started
+                )
+            else:
+                node.models.pop(step, None)
 
     async def _unload(self, node: Node, victim: ModelOnNode, reason: str) -> bool:
         started = time.monotonic()
@@ -232,3 +288,55 @@ class Placer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _free_mb(node: Node) -> int:
+    return node.memory_total_mb - node.memory_used_mb
+
+
+def _needed_mb(node: Node, deployment: Deployment) -> int:
+    """What loading `deployment` on `node` adds: the model, and the steps the node lacks."""
+    return deployment.memory_mb + sum(
+        step.memory_mb for step in deployment.steps if step.model not in node.models
+    )
+
+
+def _steps_changing(node: Node, deployment: Deployment) -> bool:
+    """Whether a step the deployment needs is being loaded or evicted on the node: wait."""
+    return any(
+        node.models[step.model].state is not ModelState.READY
+        for step in deployment.steps
+        if step.model in node.models
+    )
+
+
+def _victims(node: Node, deployment: Deployment) -> list[ModelOnNode] | None:
+    """The least recently used idle models to unload so that `deployment` fits; None if even
+    every one of them would not make room.
+
+    Never a model with a batch in flight (an ensemble's batch counts on its steps too), never
+    a step the deployment itself needs, and never a step of an ensemble that stays loaded:
+    an ensemble goes first, and its steps become candidates after it.
+    """
+    needed = _needed_mb(node, deployment)
+    keep = {step.model for step in deployment.steps}
+    free = _free_mb(node)
+    chosen: list[ModelOnNode] = []
+    while free < needed:
+        gone = {m.name for m in chosen}
+        pinned = {s for m in node.models.values() if m.name not in gone for s in m.steps}
+        idle = [
+            m
+            for m in node.models.values()
+            if m.state is ModelState.READY
+            and m.inflight == 0
+            and m.name not in keep
+            and m.name not in pinned
+            and m.name not in gone
+        ]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda m: m.last_used)
+        chosen.append(victim)
+        free += victim.memory_mb
+    return chosen

@@ -1,11 +1,16 @@
-"""The SchedulerService RPCs: admit a request and wait for its answer; report statistics."""
+"""The SchedulerService RPCs: admit a request and wait for its answer; report statistics.
+
+Embed fans a request out: each input becomes a request of its own in the embedding model's
+queue (one row of a batch), so inputs of many callers are encoded together, and the vectors
+are gathered back in input order. An input that fails fails the whole Embed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -16,7 +21,13 @@ from libs import genai
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, invalid_argument
-from libs.generation import message_violations, params_violations, priority_violations
+from libs.generation import (
+    embedding_violations,
+    message_violations,
+    params_violations,
+    priority_violations,
+    task_violations,
+)
 from libs.telemetry import set_tenant
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
@@ -59,6 +70,7 @@ def _final(
     estimated: bool = False,
     text: str = "",
     seed: int | None = None,
+    document_ids: Sequence[str] = (),
 ) -> scheduler_pb2.InferStreamResponse:
     return scheduler_pb2.InferStreamResponse(
         final=common_pb2.CompletionFinal(
@@ -68,6 +80,7 @@ def _final(
             usage_estimated=estimated,
             text=text,
             seed=seed,
+            document_ids=document_ids,
         )
     )
 
@@ -92,6 +105,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         pools: Mapping[str, NodePool],
         placers: Sequence[Placer],
         default_timeout_s: float,
+        metering: Callable[[str], tuple[int, int]] | None = None,
     ) -> None:
         self._catalog = catalog
         self._admission = admission
@@ -102,6 +116,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._providers = genai.deployment_providers(
             d for model in catalog.models.values() for d in model.deployments
         )
+        self._metering = metering or (lambda _address: (0, 0))
 
     def _pending(
         self,
@@ -114,6 +129,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not valid_tenant(request.tenant):
             # The tenant decides fair share and the self-hosted-only policy: never guessed.
             violations.append(("tenant", "is required: 1-64 letters, digits, '-' or '_'"))
+        violations.extend(task_violations(model, "chat"))
         if not request.messages:
             violations.append(("messages", "at least one message is required"))
         violations.extend(message_violations(request.messages))
@@ -216,6 +232,64 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             estimated=channel.estimated,
             text="" if item.deltas else completion.text,
             seed=item.params.seed if _sampled(item) else None,
+            document_ids=completion.document_ids,
+        )
+
+    async def Embed(
+        self, request: scheduler_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.EmbedResponse:
+        """Queue every input as a row of the embedding model's batches; gather the vectors."""
+        model = self._catalog.resolve(request.model)
+        violations = task_violations(model, "embedding")
+        if not valid_tenant(request.tenant):
+            violations.append(("tenant", "is required: 1-64 letters, digits, '-' or '_'"))
+        violations.extend(embedding_violations(request.inputs))
+        violations.extend(priority_violations(request.priority))
+        if violations:
+            raise invalid_argument(violations)
+        remaining = context.time_remaining()
+        timeout_s = self._default_timeout_s if remaining is None else remaining
+        deadline = time.monotonic() + timeout_s
+        span_context = trace.get_current_span().get_span_context()
+        weight = self._catalog.tenant(request.tenant).weight
+        items = [
+            PendingRequest(
+                request_id=request.request_id,
+                tenant=request.tenant,
+                messages=(("user", text),),
+                params=common_pb2.GenerationParams(),
+                deadline=deadline,
+                span_context=span_context,
+                priority=request.priority,
+                self_hosted_only=request.self_hosted_only,
+                weight=weight,
+                deltas=False,
+            )
+            for text in request.inputs
+        ]
+        try:
+            # Admission does not yield on the way to the queue, so the inputs of one request
+            # are queued together and leave in as few batches as the batch size allows.
+            for item in items:
+                await self._admission.admit(model, item)
+            async with asyncio.timeout(timeout_s):
+                rows = await asyncio.gather(*(item.future for item in items))
+        except TimeoutError:
+            raise _too_late(model, timeout_s) from None
+        finally:
+            for item in items:
+                item.future.cancel()  # the rest of a failed or abandoned Embed: stop its work
+        tokens = sum(row.usage.prompt_tokens for row in rows)
+        placement = common_pb2.Placement()
+        placement.CopyFrom(rows[0].placement)
+        placement.batch_size = max(row.placement.batch_size for row in rows)
+        return scheduler_pb2.EmbedResponse(
+            completion=common_pb2.Completion(
+                finish_reason="stop",
+                usage=common_pb2.Usage(prompt_tokens=tokens, total_tokens=tokens),
+                placement=placement,
+                embeddings=[vector for row in rows for vector in row.embeddings],
+            )
         )
 
     def _served(
@@ -285,10 +359,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     time_per_output_token_p50_ms=percentile(stats.tpot_ms, 0.5),
                     time_per_output_token_p99_ms=percentile(stats.tpot_ms, 0.99),
                     tenants=_tenant_stats(stats, queue.tenant_depths()),
+                    composing_models=[
+                        step.model for d in batcher.model.self_hosted for step in d.steps
+                    ],
                 )
             )
         for pool in self._pools.values():
             for node in pool.nodes.values():
+                reads, metered = self._metering(node.address)
                 response.nodes.append(
                     scheduler_pb2.NodeStats(
                         pool=pool.pool.name,
@@ -303,6 +381,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         memory_total_mb=node.memory_total_mb,
                         memory_used_mb=node.memory_used_mb,
                         consecutive_failures=node.failures,
+                        statistics_reads=reads,
+                        metered_batches=metered,
                     )
                 )
         events = sorted(

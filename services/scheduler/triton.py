@@ -15,16 +15,25 @@ Two kinds of model honour that contract, and `TritonBackend` serves both as even
   with the text that step added, the cumulative token counts and FINISH_REASON ("" until the
   row is done). Cancelling the gRPC stream cancels the Triton request, and the model stops
   decoding.
+
+A chat model may also answer DOC_IDS [batch, k] (bytes): the documents a retrieval-augmented
+model (the rag_tiny ensemble) answered from, returned as Completion.document_ids. An ensemble
+(`platform: "ensemble"`) is one call like any model; its span names its steps. A model whose
+outputs include EMBEDDING follows the embedding contract instead (services/scheduler/
+embeddings.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -38,8 +47,12 @@ from libs.catalog import Deployment
 from libs.errors import ShepherdError
 from libs.telemetry import sampled_trace_headers
 from services.scheduler.events import Delta, Event, Failed, Final, usage
+from services.scheduler.gputime import ExecutionMeter, Metered, split
 from services.scheduler.nodes import Lease
 from services.scheduler.queue import PendingRequest
+
+if TYPE_CHECKING:
+    from services.scheduler.poolusage import PoolUsage
 
 _log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -48,6 +61,11 @@ _tracer = trace.get_tracer(__name__)
 # is not among them: the node may have run the batch, and a retry could not finish in time.
 _NODE_DOWN = {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}
 _OUTPUTS = ("TEXT", "PROMPT_TOKENS", "COMPLETION_TOKENS", "FINISH_REASON")
+DOC_IDS = "DOC_IDS"  # optional: the documents a RAG model retrieved, per row
+EMBEDDING = "EMBEDDING"  # the output that makes a model an embedding model
+# The longest a batch's answers wait for its GPU time (normally one statistics read, about a
+# millisecond) before they go without it.
+ATTRIBUTION_WAIT_S = 2.0
 _ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -120,9 +138,14 @@ async def infer(
     deployment: Deployment,
     batch: Sequence[PendingRequest],
     timeout_s: float,
+    *,
+    steps: Sequence[str] = (),
+    outputs: Sequence[str] = _OUTPUTS,
 ) -> list[common_pb2.Completion | ShepherdError]:
     """Run the batch as one inference on one node and fan the rows back out.
 
+    `steps` are the composing models when the model is an ensemble (for the trace);
+    `outputs` the outputs to ask for (the four, and DOC_IDS where the model has it).
     Raises NodeUnavailable when the node is unreachable or refuses (worth one retry on another
     node), DEADLINE_EXCEEDED when it did not answer in time, INTERNAL for anything else.
     """
@@ -130,12 +153,14 @@ async def infer(
         span.set_attribute("shepherd.triton.node", address)
         span.set_attribute("shepherd.triton.model", deployment.backend_model)
         span.set_attribute("shepherd.batch.size", len(batch))
+        if steps:
+            span.set_attribute("shepherd.triton.ensemble_steps", list(steps))
         headers = sampled_trace_headers()
         try:
             result = await client.infer(
                 deployment.backend_model,
                 _inputs(batch),
-                outputs=[triton.InferRequestedOutput(name) for name in _OUTPUTS],
+                outputs=[triton.InferRequestedOutput(name) for name in outputs],
                 client_timeout=max(0.001, timeout_s),
                 headers=headers,
             )
@@ -150,6 +175,7 @@ async def infer(
     prompt_tokens = result.as_numpy("PROMPT_TOKENS").reshape(-1)
     completion_tokens = result.as_numpy("COMPLETION_TOKENS").reshape(-1)
     finish = result.as_numpy("FINISH_REASON").reshape(-1)
+    doc_ids = result.as_numpy(DOC_IDS) if DOC_IDS in outputs else None
     placement = _placement(address, deployment, len(batch))
     completions: list[common_pb2.Completion | ShepherdError] = []
     for row in range(len(batch)):
@@ -164,6 +190,7 @@ async def infer(
                     total_tokens=prompt + completion,
                 ),
                 placement=placement,
+                document_ids=[] if doc_ids is None else [d.decode() for d in doc_ids[row]],
             )
         )
     return completions
@@ -177,6 +204,20 @@ class _StreamFailed(Exception):
         self.error = error
 
 
+@dataclass(frozen=True)
+class GpuTime:
+    """A batch's GPU time and each row's share of it, in GPU-microseconds."""
+
+    batch_id: str
+    batch_us: int
+    rows: list[int]
+
+    def stamp(self, placement: common_pb2.Placement, row: int) -> None:
+        placement.gpu_us = self.rows[row]
+        placement.batch_gpu_us = self.batch_us
+        placement.batch_id = self.batch_id
+
+
 class TritonBackend:
     """Runs a batch on a leased Triton node and yields each row's events (events.Backend).
 
@@ -184,10 +225,102 @@ class TritonBackend:
     config says it (`model_transaction_policy.decoupled`), so it is asked once per node and
     model and remembered. A lookup that fails is not remembered, so a model reloaded with
     another config is asked again after its first failure.
+
+    Every batch's GPU time is measured (services/scheduler/gputime.py): when the batch ends,
+    its node slot is given back at once, and the rows' Finals wait for the node's statistics
+    to say how long the execution took, which each row's Placement then carries. `usage`,
+    when given, hears of every execution (services/scheduler/poolusage.py).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, usage: PoolUsage | None = None) -> None:
         self._decoupled: dict[tuple[str, str], bool] = {}
+        # What else the config says, per (node, model): an ensemble's steps, whether the
+        # model answers DOC_IDS, whether it is an embedding model.
+        self._steps: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._outputs: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._embedding: set[tuple[str, str]] = set()
+        self._meters: dict[tuple[str, str], ExecutionMeter] = {}
+        self._usage = usage
+        self._batch_prefix = secrets.token_hex(4)
+        self._batch_numbers = itertools.count(1)
+
+    def metering(self, address: str) -> tuple[int, int]:
+        """(statistics reads, batches measured) on one node since start-up, for GetStats."""
+        meters = [m for (node, _), m in self._meters.items() if node == address]
+        return sum(m.reads for m in meters), sum(m.batches for m in meters)
+
+    async def close(self) -> None:
+        """Stop every meter's reads; batches still waiting for their time get 0."""
+        for meter in self._meters.values():
+            await meter.close()
+
+    def _meter(self, lease: Lease) -> ExecutionMeter:
+        key = (lease.address, lease.deployment.backend_model)
+        meter = self._meters.get(key)
+        if meter is None or meter.client is not lease.node.client:
+            # New, or the node was dropped and found again (DNS) with a new client.
+            meter = ExecutionMeter(lease.node.client, *key)
+            self._meters[key] = meter
+        return meter
+
+    async def _start_meter(self, meter: ExecutionMeter, lease: Lease) -> None:
+        try:
+            await meter.start()
+        except InferenceServerException as error:
+            raise _node_error(
+                error.status(),
+                lease.address,
+                f"Triton node {lease.address} failed model {meter.model}: {error.message()}",
+            ) from error
+
+    def _begin(self, meter: ExecutionMeter, lease: Lease, rows: int) -> Metered:
+        """Tell the meter a batch is sent; every execution it hears of reaches `usage`."""
+        metered = meter.begin(rows)
+        if self._usage is not None:
+            usage, deployment = self._usage, lease.deployment
+
+            def executed(future: asyncio.Future[int]) -> None:
+                if not future.cancelled():
+                    usage.executed(deployment, rows, future.result() * deployment.gpus)
+
+            metered.execution_us.add_done_callback(executed)
+        return metered
+
+    def _end(self, meter: ExecutionMeter, lease: Lease, metered: Metered) -> None:
+        """The batch is over: its meter reads its time, and the node slot is given back
+        before the answers wait for that read."""
+        meter.end(metered)
+        lease.release(latency_s=(metered.ended or metered.started) - metered.started)
+
+    async def _gpu_time(
+        self,
+        metered: Metered,
+        deployment: Deployment,
+        batch: Sequence[PendingRequest],
+        tokens: Sequence[int],
+    ) -> GpuTime:
+        """The batch's GPU time split among its rows by tokens processed (gputime.split).
+
+        Waited for at most ATTRIBUTION_WAIT_S, and never past the moment an answer would
+        miss its deadline: an answer is worth more than its GPU figure, which then says 0
+        (the pool's figures still count the execution when it is read).
+        """
+        waiting = [item.deadline for item in batch if not item.events.done]
+        limit = ATTRIBUTION_WAIT_S
+        if waiting:
+            left = min(waiting) - time.monotonic()
+            limit = min(limit, max(0.0, left - min(0.05, left / 10)))
+        batch_id = f"{self._batch_prefix}-{next(self._batch_numbers)}"
+        try:
+            execution_us = await asyncio.wait_for(asyncio.shield(metered.execution_us), limit)
+        except TimeoutError:
+            _log.warning(
+                "a batch was answered before its GPU time was known",
+                extra={"batch_id": batch_id, "rows": len(batch)},
+            )
+            execution_us = 0
+        total = execution_us * deployment.gpus
+        return GpuTime(batch_id, total, split(total, tokens))
 
     async def run(
         self, lease: Lease, batch: Sequence[PendingRequest]
@@ -205,27 +338,60 @@ class TritonBackend:
         decoupled = self._decoupled.get(key)
         if decoupled is None:
             decoupled = await self._lookup(lease, deadline - time.monotonic())
+        meter = self._meter(lease)
         try:
+            await self._start_meter(meter, lease)
             if decoupled:
                 # aclosing: when our consumer closes us early, the stream is cancelled now,
                 # not whenever the inner generator happens to be collected.
-                stream = self._stream(lease, batch, deadline - time.monotonic())
+                stream = self._stream(lease, batch, deadline - time.monotonic(), meter)
                 async with contextlib.aclosing(stream) as events:
                     async for pair in events:
                         yield pair
                 return
-            outcomes = await infer(
-                lease.node.client, lease.address, deployment, batch, deadline - time.monotonic()
-            )
+            metered = self._begin(meter, lease, len(batch))
+            try:
+                if key in self._embedding:
+                    # Imported here: embeddings.py builds on this module's helpers.
+                    from services.scheduler.embeddings import embed
+
+                    outcomes = await embed(
+                        lease.node.client,
+                        lease.address,
+                        deployment,
+                        batch,
+                        deadline - time.monotonic(),
+                    )
+                else:
+                    outcomes = await infer(
+                        lease.node.client,
+                        lease.address,
+                        deployment,
+                        batch,
+                        deadline - time.monotonic(),
+                        steps=self._steps.get(key, ()),
+                        outputs=self._outputs.get(key, _OUTPUTS),
+                    )
+            except BaseException:
+                meter.abandon(metered)
+                raise
         except ShepherdError:
             self._decoupled.pop(key, None)
             raise
+        self._end(meter, lease, metered)
+        gpu = await self._gpu_time(
+            metered,
+            deployment,
+            batch,
+            [o.usage.total_tokens if isinstance(o, common_pb2.Completion) else 0 for o in outcomes],
+        )
         for row, outcome in enumerate(outcomes):
             if batch[row].events.done:
                 continue
             if isinstance(outcome, ShepherdError):
                 yield row, Failed(outcome)
                 continue
+            gpu.stamp(outcome.placement, row)
             if outcome.text:
                 yield row, Delta(outcome.text, outcome.usage)
             if not batch[row].events.done:
@@ -244,15 +410,38 @@ class TritonBackend:
                 lease.address,
                 f"Triton node {lease.address} failed model {model}: {error.message()}",
             ) from error
-        policy = config.get("config", {}).get("model_transaction_policy", {})
+        body = config.get("config", {})
+        policy = body.get("model_transaction_policy", {})
         decoupled = bool(policy.get("decoupled", False))
-        self._decoupled[(lease.address, model)] = decoupled
+        key = (lease.address, model)
+        names = {output.get("name") for output in body.get("output", [])}
+        self._outputs[key] = (*_OUTPUTS, DOC_IDS) if DOC_IDS in names else _OUTPUTS
+        self._embedding.discard(key)
+        if EMBEDDING in names:
+            self._embedding.add(key)
+        steps = body.get("ensemble_scheduling", {}).get("step", [])
+        self._steps[key] = tuple(str(step.get("model_name", "")) for step in steps)
+        declared = tuple(step.model for step in lease.deployment.steps)
+        if self._steps[key] and self._steps[key] != declared:
+            _log.warning(
+                "the catalog's steps differ from the ensemble's; placement counts the catalog's",
+                extra={"model": model, "catalog": declared, "triton": self._steps[key]},
+            )
+        self._decoupled[key] = decoupled
         return decoupled
 
     async def _stream(
-        self, lease: Lease, batch: Sequence[PendingRequest], timeout_s: float
+        self,
+        lease: Lease,
+        batch: Sequence[PendingRequest],
+        timeout_s: float,
+        meter: ExecutionMeter,
     ) -> AsyncGenerator[tuple[int, Event], None]:
-        """One ModelStreamInfer call with all rows; each response becomes per-row events."""
+        """One ModelStreamInfer call with all rows; each response becomes per-row events.
+
+        Text goes to each row as it is decoded; a row's Final waits for the end of the batch,
+        when its share of the execution's GPU time can be known.
+        """
         deployment = lease.deployment
         address = lease.address
         span = _tracer.start_span(
@@ -283,7 +472,11 @@ class TritonBackend:
         texts: list[list[str]] = [[] for _ in range(rows)]
         used = [common_pb2.Usage() for _ in range(rows)]
         finished = [False] * rows
+        done: list[tuple[int, str]] = []  # rows finished, with their reason: Finals to send
+        failure: ShepherdError | None = None
         yielded = False
+        ran = False  # the stream ran (it did not fail before its first event)
+        metered = self._begin(meter, lease, rows)
         responses = lease.node.client.stream_infer(
             requests(), stream_timeout=max(0.001, timeout_s), headers=headers
         )
@@ -293,22 +486,23 @@ class TritonBackend:
                     row for row in range(rows) if not finished[row] and not batch[row].events.done
                 ]
                 if not waiting:
-                    return
+                    ran = True
+                    break
                 try:
                     step = await _next_step(
                         responses, address, deployment, rows, [batch[row].future for row in waiting]
                     )
-                except _StreamFailed as failure:
-                    span.set_status(trace.StatusCode.ERROR, failure.error.message)
+                except _StreamFailed as failed:
+                    span.set_status(trace.StatusCode.ERROR, failed.error.message)
                     if not yielded:
-                        raise failure.error from failure
-                    for row in range(rows):
-                        if not finished[row] and not batch[row].events.done:
-                            yield row, Failed(failure.error, used[row])
-                    return
+                        raise failed.error from failed
+                    failure = failed.error
+                    ran = True
+                    break
                 if step is None:
                     span.add_event("stream.dropped")
-                    return
+                    ran = True
+                    break
                 pieces, prompt_tokens, completion_tokens, finish = step
                 for row in range(rows):
                     if finished[row] or batch[row].events.done:
@@ -323,21 +517,33 @@ class TritonBackend:
                     if reason and not batch[row].events.done:
                         finished[row] = True
                         yielded = True
-                        yield (
-                            row,
-                            Final(
-                                common_pb2.Completion(
-                                    text="".join(texts[row]),
-                                    finish_reason=reason,
-                                    usage=used[row],
-                                    placement=placement,
-                                )
-                            ),
-                        )
+                        done.append((row, reason))
         finally:
             # Stops the model's decoding when rows remain (a no-op once the stream ended).
             responses.cancel()
             span.end()
+            if ran or yielded:
+                self._end(meter, lease, metered)
+            else:
+                meter.abandon(metered)
+        if failure is not None:
+            for row in range(rows):
+                if not finished[row] and not batch[row].events.done:
+                    yield row, Failed(failure, used[row])
+        if not done:
+            return
+        gpu = await self._gpu_time(metered, deployment, batch, [u.total_tokens for u in used])
+        for row, reason in done:
+            if batch[row].events.done:
+                continue
+            completion = common_pb2.Completion(
+                text="".join(texts[row]),
+                finish_reason=reason,
+                usage=used[row],
+                placement=placement,
+            )
+            gpu.stamp(completion.placement, row)
+            yield row, Final(completion)
 
 
 async def _next_step(

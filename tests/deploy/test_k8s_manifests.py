@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from libs.catalog import load_catalog
-from libs.config import DEFAULT_CATALOG, REPO_ROOT
+from libs.config import DEFAULT_CATALOG, DEFAULT_ROUTER_HTTP_PORT, REPO_ROOT
 from libs.health import LIVENESS
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -64,9 +64,11 @@ PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
 METRICS_PORTS = {"router": 9461, "scheduler": 9462, "cache": 9463, "billing": 9464}
 EXPECTED_CALLS = {
     ("outside", "router", "grpc"),
+    ("outside", "router", "http"),  # the OpenAI-compatible HTTP edge
     ("router", "scheduler", "grpc"),
     ("router", "cache", "grpc"),
     ("router", "billing", "grpc"),
+    ("scheduler", "billing", "grpc"),  # RecordPoolUsage
     ("router", "redis", "redis"),
     ("cache", "redis", "redis"),
     ("billing", "redis", "redis"),
@@ -512,10 +514,29 @@ def test_internal_targets_accept_only_their_callers(target: str) -> None:
                     assert peer["podSelector"], policy["metadata"]["name"]
 
 
-def test_router_accepts_anyone_on_its_api_port_only() -> None:
+# The router's public ports: gRPC and the OpenAI-compatible HTTP edge.
+API_PORTS = {"grpc", "http"}
+
+
+def test_router_accepts_anyone_on_its_api_ports_only() -> None:
     router = _workload_pods()["router"]
+    assert set(router.ports) >= API_PORTS
     for port in router.ports:
-        assert _allowed("Ingress", router, INTERNET, router, port) == (port == "grpc")
+        assert _allowed("Ingress", router, INTERNET, router, port) == (port in API_PORTS)
+
+
+def test_the_router_service_and_container_agree_on_the_http_port() -> None:
+    # The container port is the router's default (SHEPHERD_ROUTER_HTTP_PORT is not set).
+    assert _workload_pods()["router"].ports["http"] == (DEFAULT_ROUTER_HTTP_PORT, "TCP")
+    service = next(
+        doc
+        for doc in _load(K8S / "router.yaml")
+        if doc["kind"] == "Service" and doc["metadata"]["name"] == "router"
+    )
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert (
+        ports["http"]["targetPort"] == "http" and ports["http"]["port"] == DEFAULT_ROUTER_HTTP_PORT
+    )
 
 
 def test_only_the_expected_connections_are_possible() -> None:

@@ -38,3 +38,17 @@ def test_a_service_port_in_use_is_named_before_anything_starts(tmp_path: Path) -
     assert f"port {port} for the scheduler service is in use" in str(refused.value)
     assert "SHEPHERD_SCHEDULER_PORT" in str(refused.value)
     assert mesh.valkey is None and mesh.triton is None and not mesh.services
+
+
+def test_the_router_http_port_in_use_is_named_before_anything_starts(tmp_path: Path) -> None:
+    config = MeshConfig.ephemeral(tmp_path)
+    assert config.http_port, "test meshes serve the OpenAI-compatible HTTP edge too"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", config.http_port))
+        holder.listen()
+        mesh = LocalMesh(config)
+        with pytest.raises(MeshStartError) as refused:
+            mesh.start(timeout_s=5)
+    assert f"port {config.http_port} for the router HTTP service is in use" in str(refused.value)
+    assert "SHEPHERD_ROUTER_HTTP_PORT" in str(refused.value)
+    assert mesh.valkey is None and mesh.triton is None and not mesh.services

@@ -207,8 +207,8 @@ async def _stats(url: str, model: str = MODEL) -> tuple[int, int]:
 async def _settled_stats(url: str, model: str, executions: int) -> dict[str, Any]:
     """The model's statistics once `executions` executions are recorded.
 
-    A decoupled model's execution is recorded when its execute() returns, which is after its
-    client already has the final response, so a test waits for it (at most 30 s).
+    Triton records an execution when the model's execute() returns, which can be after its
+    client already has the (final) response, so a test waits for it (at most 30 s).
     """
     deadline = time.monotonic() + 30
     while True:
@@ -297,6 +297,7 @@ async def test_batch_of_eight_rows_is_one_execution_and_eight_inferences(
     url = node.config.grpc_url
     executions_before, inferences_before = await _stats(url)
     await _infer(url, PROMPTS, max_tokens=8)
+    await _settled_stats(url, MODEL, executions_before + 1)
     executions_after, inferences_after = await _stats(url)
     assert executions_after - executions_before == 1
     assert inferences_after - inferences_before == 8
@@ -348,7 +349,10 @@ def test_readiness_timeout_error_is_clear(tmp_path: Path) -> None:
     assert "did not become ready within 0.0s" in message or "within 0.01" in message
     assert f"grpc {config.grpc_url}" in message
     # Every model of the shipped repository, which "none" mode loads, in name order.
-    assert "models not ready: echo_lm, tiny_lm, tiny_lm_stream" in message
+    assert (
+        "models not ready: echo_lm, embed_tiny, rag_prompt, rag_query, rag_tiny, tiny_lm,"
+        " tiny_lm_stream, vector_search" in message
+    )
     assert str(config.resolved_log_file) in message
 
 
@@ -449,6 +453,8 @@ async def test_echo_lm_echoes_the_prompt_with_tiny_lm_counts(node: TritonNode) -
     ]
     executions_before, inferences_before = await _stats(url, ECHO_MODEL)
     rows = await _infer(url, prompts, max_tokens=[3, 16, 2, 5, 4], model=ECHO_MODEL)
+    # Triton records the execution a moment after the response leaves: wait for it.
+    await _settled_stats(url, ECHO_MODEL, executions_before + 1)
     executions_after, inferences_after = await _stats(url, ECHO_MODEL)
     assert rows == [
         Row("hello, shepherd", 5, 3, "length"),

@@ -65,11 +65,20 @@ MODELS = (
     "sovereign-local",
     "sovereign-hosted",
     "tiny-engine",
+    "embed",
+    "rag",
     "gpt4",
     "deepseek",
     "gemini",
 )
-FAMILIES = ("shepherd-tiny", "shared-tiny", "sovereign", "shepherd-echo", "gpt-4.1")
+FAMILIES = (
+    "shepherd-tiny",
+    "shared-tiny",
+    "sovereign",
+    "shepherd-echo",
+    "shepherd-embed",
+    "gpt-4.1",
+)
 TENANTS = (FUZZ_TENANT, "fuzz-b", *GROUP_TENANTS, SOVEREIGN_TENANT, "regulated-health")
 NAMESPACES = ("shared", "group:corp", *(f"tenant:{tenant}" for tenant in TENANTS))
 # What a gRPC client says when a status's message and details are too large for it to read
@@ -121,6 +130,7 @@ _TOKENS = st.integers(0, 4_000)
 REALISTIC: dict[str, st.SearchStrategy[Any]] = {
     "model": st.sampled_from(MODELS),
     "messages": st.lists(_CHAT_MESSAGE, min_size=1, max_size=3),
+    "inputs": st.lists(_PROMPT, min_size=1, max_size=4),
     "max_tokens": st.integers(1, 8),
     # In range, the ends and the smallest positive numbers included (5e-324 is subnormal).
     "temperature": st.one_of(
@@ -159,8 +169,18 @@ REALISTIC: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
+# Where one message needs other realistic values than the field name's: Embed's model is
+# mostly the embedding model (a chat model is refused), so cases reach the batches.
+_EMBED_MODELS = st.sampled_from(["embed", "shepherd-embed", " Embed ", "embed", "rag"])
+REALISTIC_BY_FIELD: dict[str, st.SearchStrategy[Any]] = {
+    "shepherd.router.v1.EmbedRequest.model": _EMBED_MODELS,
+    "shepherd.scheduler.v1.EmbedRequest.model": _EMBED_MODELS,
+}
+
+
 def _realistic_overrides(descriptor: Descriptor) -> dict[str, st.SearchStrategy[Any]]:
-    """REALISTIC keyed by the full name of every matching field reachable from `descriptor`."""
+    """REALISTIC keyed by the full name of every matching field reachable from `descriptor`
+    (REALISTIC_BY_FIELD first)."""
     overrides: dict[str, st.SearchStrategy[Any]] = {}
     seen: set[str] = set()
     todo = [descriptor]
@@ -170,7 +190,9 @@ def _realistic_overrides(descriptor: Descriptor) -> dict[str, st.SearchStrategy[
             continue
         seen.add(current.full_name)
         for field in current.fields:
-            if field.name in REALISTIC:
+            if field.full_name in REALISTIC_BY_FIELD:
+                overrides[field.full_name] = REALISTIC_BY_FIELD[field.full_name]
+            elif field.name in REALISTIC:
                 overrides[field.full_name] = REALISTIC[field.name]
             elif field.message_type is not None:
                 todo.append(field.message_type)
@@ -272,15 +294,17 @@ _ADMIN = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
 # another caller's. Only AdminService's read-only calls: see the module's docstring.
 PLAN = {
     "router": [
-        Rpc(_ROUTER, "Chat", 400, "api_key", "internal"),
-        Rpc(_ROUTER, "ChatStream", 350, "api_key", "admin"),
+        Rpc(_ROUTER, "Chat", 350, "api_key", "internal"),
+        Rpc(_ROUTER, "ChatStream", 300, "api_key", "admin"),
         Rpc(_ROUTER, "ListModels", 100, "api_key", "internal"),
-        Rpc(_ROUTER, "GetUsage", 150, "api_key", "admin"),
+        Rpc(_ROUTER, "GetUsage", 100, "api_key", "admin"),
+        Rpc(_ROUTER, "Embed", 150, "api_key", "internal"),
     ],
     "scheduler": [
-        Rpc(_SCHEDULER, "Infer", 450, "internal", "admin"),
-        Rpc(_SCHEDULER, "InferStream", 450, "internal", "api_key"),
+        Rpc(_SCHEDULER, "Infer", 400, "internal", "admin"),
+        Rpc(_SCHEDULER, "InferStream", 400, "internal", "api_key"),
         Rpc(_SCHEDULER, "GetStats", 100, "internal", "admin"),
+        Rpc(_SCHEDULER, "Embed", 100, "internal", "api_key"),
     ],
     "cache": [
         Rpc(_CACHE, "Lookup", 450, "internal", "admin"),
@@ -292,13 +316,15 @@ PLAN = {
         Rpc(_CACHE, "Purge", 30, "admin", "internal"),
     ],
     "billing": [
-        Rpc(_BILLING, "RecordUsage", 300, "internal", "admin"),
+        Rpc(_BILLING, "RecordUsage", 250, "internal", "admin"),
         Rpc(_BILLING, "RecordUsageBatch", 150, "internal", "api_key"),
         Rpc(_BILLING, "GetTenantUsage", 100, "internal", "admin"),
-        Rpc(_BILLING, "GetUsage", 175, "internal", "admin"),
+        Rpc(_BILLING, "GetUsage", 125, "internal", "admin"),
+        Rpc(_BILLING, "RecordPoolUsage", 60, "internal", "api_key"),
         Rpc(_ADMIN, "ListKeys", 75, "admin", "internal"),
         Rpc(_ADMIN, "GetTenantLimits", 75, "admin", "internal"),
         Rpc(_ADMIN, "GetTenantReport", 125, "admin", "api_key"),
+        Rpc(_ADMIN, "GetPoolReport", 40, "admin", "internal"),
     ],
 }
 

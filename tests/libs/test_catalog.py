@@ -515,3 +515,219 @@ def test_memory_check_uses_the_pools_own_node_size() -> None:
     data["models"]["alpha"]["deployments"] = [dict(TRITON, memory_mb=20_000)]
 
     assert parse_catalog(data, env={}).models["alpha"].deployments[0].memory_mb == 20_000
+
+
+def test_pool_gpu_cost_is_exact_nano_usd_per_gpu_microsecond() -> None:
+    data = with_second_pool(
+        minimal(), nodes=["10.0.0.1:8001"], gpu_hour_usd="4.00", gpus_per_node=8
+    )
+    pool = parse_catalog(data, env={}).pools["gpu-a"]
+
+    assert (pool.gpu_hour_nano, pool.gpus_per_node) == (4_000_000_000, 8)
+    # An hour of one GPU is the hourly price; a microsecond rounds half up, once.
+    assert pool.gpu_cost_nano(3_600_000_000) == 4_000_000_000
+    assert pool.gpu_cost_nano(1_000_000) == 1_111_111  # 1 s: 1,111,111.1 nano-USD
+    assert pool.gpu_cost_nano(9) == 10  # 9 us: 10.0 nano-USD
+    assert pool.gpu_cost_nano(1) == 1  # 1.11 rounds down to 1
+    # The shipped pool states its price, and a pool that gives none costs nothing.
+    shipped = load_catalog(DEFAULT_CATALOG, env={}).pools["local"]
+    assert shipped.gpu_hour_nano > 0 and shipped.gpus_per_node == 1
+    local = parse_catalog(minimal(), env={}).pools["local"]
+    assert (local.gpu_hour_nano, local.gpus_per_node, local.gpu_cost_nano(10**9)) == (0, 1, 0)
+
+
+def test_hosted_price_is_the_models_own_hosted_deployment_else_its_familys() -> None:
+    data = minimal()
+    own_price = {"input_usd_per_million": "0.50", "output_usd_per_million": "1.50"}
+    data["models"]["alpha"]["deployments"] = [
+        TRITON,
+        {**HOSTED, "price": own_price},
+    ]
+    data["models"]["gamma"] = {
+        "family": "beta",
+        "price": {"input_usd_per_million": "0.01", "output_usd_per_million": "0.02"},
+        "deployments": [{"kind": "triton", "pool": "local", "model": "gamma_lm", "gpus": 1}],
+    }
+    data["models"]["delta"] = {
+        "price": {"input_usd_per_million": "0.01", "output_usd_per_million": "0.02"},
+        "deployments": [{"kind": "triton", "pool": "local", "model": "delta_lm"}],
+    }
+    catalog = parse_catalog(data, env={})
+
+    # alpha's hosted deployment says what the provider charges: that, not alpha's price.
+    assert catalog.hosted_price(catalog.models["alpha"]) == Price(500_000_000, 1_500_000_000)
+    # gamma has no hosted deployment; beta, of the same family, is hosted at beta's price.
+    assert catalog.hosted_price(catalog.models["gamma"]) == catalog.models["beta"].price
+    assert catalog.hosted_price(catalog.models["beta"]) == catalog.models["beta"].price
+    # delta has nothing hosted to compare with.
+    assert catalog.hosted_price(catalog.models["delta"]) is None
+    assert catalog.deployment(catalog.models["alpha"], "holysheep/alpha") is not None
+    assert catalog.deployment(catalog.models["alpha"], "elsewhere") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("pools", "local", "gpu_hour_usd"), "-3", ["pools.local.gpu_hour_usd", "non-negative"]),
+        (("pools", "local", "gpu_hour_usd"), "cheap", ["pools.local.gpu_hour_usd", "decimal"]),
+        (("pools", "local", "gpus_per_node"), 0, ["pools.local.gpus_per_node", "at least 1"]),
+        (
+            ("models", "alpha", "deployments", "0", "gpus"),
+            2,
+            ["models.alpha.deployments[0].gpus", "1 GPUs per node"],
+        ),
+        (
+            ("models", "beta", "deployments", "0", "price"),
+            {"input_usd_per_million": "1"},
+            ["models.beta.deployments[0].price", "'output_usd_per_million'"],
+        ),
+    ],
+)
+def test_invalid_gpu_costs_name_the_location(
+    path: tuple[str, ...], value: object, expected: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(broken(path, value), env={})
+    for fragment in expected:
+        assert fragment in str(caught.value)
+
+
+def test_a_model_may_name_the_hosted_model_it_is_compared_with() -> None:
+    data = minimal()
+    data["models"]["alpha"]["hosted_equivalent"] = "beta"
+    catalog = parse_catalog(data, env={})
+    assert catalog.hosted_price(catalog.models["alpha"]) == catalog.models["beta"].price
+    shipped = load_catalog(DEFAULT_CATALOG, env={})
+    deepseek = shipped.models["deepseek-v3.2"].price
+    assert shipped.hosted_price(shipped.models["shepherd-tiny"]) == deepseek
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(broken(("models", "beta", "hosted_equivalent"), "alpha"), env={})
+    assert "models.beta.hosted_equivalent" in str(caught.value)
+    assert "with a hosted deployment" in str(caught.value)
+
+
+# -- embeddings and ensembles ----------------------------------------------------------------
+
+STEPS = [{"model": "embed_lm", "memory_mb": 128}, {"model": "gen_lm", "memory_mb": 512}]
+
+
+def test_shipped_catalog_has_an_embedding_model_and_a_rag_ensemble() -> None:
+    catalog = load_catalog(DEFAULT_CATALOG, env={})
+
+    embed = catalog.resolve("embed")
+    assert (embed.name, embed.task, embed.family) == (
+        "shepherd-embed",
+        "embedding",
+        "shepherd-embed",
+    )
+    assert embed.price.input_nano_per_million == 10_000_000
+    assert embed.price.cost_nano(1_000_000, 0) == 10_000_000
+    rag = catalog.resolve("rag")
+    assert rag.task == "chat"
+    ensemble = rag.deployments[0]
+    assert ensemble.backend_model == "rag_tiny"
+    assert [s.model for s in ensemble.steps] == [
+        "rag_query",
+        "embed_tiny",
+        "vector_search",
+        "rag_prompt",
+        "tiny_lm",
+    ]
+    assert ensemble.footprint_mb == 8 + 8 + 128 + 64 + 8 + 512
+    # A step is declared with the memory its own deployment declares.
+    memory = {d.backend_model: d.memory_mb for m in catalog.models.values() for d in m.deployments}
+    assert all(memory.get(s.model, s.memory_mb) == s.memory_mb for s in ensemble.steps)
+    assert all(m.task == "chat" for m in catalog.models.values() if m is not embed)
+
+
+def test_an_ensemble_declares_its_steps_in_order_with_their_memory() -> None:
+    data = broken(
+        ("models", "alpha", "deployments"), [dict(TRITON, memory_mb=4, steps=STEPS), HOSTED]
+    )
+    data["models"]["alpha"]["context_tokens"] = 200
+
+    alpha = parse_catalog(data, env={}).models["alpha"]
+
+    assert [(s.model, s.memory_mb) for s in alpha.deployments[0].steps] == [
+        ("embed_lm", 128),
+        ("gen_lm", 512),
+    ]
+    assert alpha.deployments[0].footprint_mb == 4 + 128 + 512
+    assert alpha.context_tokens == 200
+    assert parse_catalog(minimal(), env={}).models["alpha"].deployments[0].steps == ()
+    assert parse_catalog(minimal(), env={}).models["alpha"].context_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param(
+            {"deployments": [dict(TRITON, steps={"embed_lm": 1})]},
+            ["models.alpha.deployments[0].steps", "list", "step order", "memory_mb"],
+            id="steps-not-a-list",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=[{"model": "embed_lm", "memory_mb": -1}])]},
+            ["models.alpha.deployments[0].steps[0].memory_mb", "-1"],
+            id="negative-step-memory",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=[{"model": "alpha_lm", "memory_mb": 1}])]},
+            ["models.alpha.deployments[0].steps[0].model", "'alpha_lm'"],
+            id="ensemble-is-its-own-step",
+        ),
+        pytest.param(
+            {
+                "deployments": [
+                    dict(TRITON, memory_mb=16_000, steps=[{"model": "e_lm", "memory_mb": 1000}])
+                ]
+            },
+            ["models.alpha.deployments[0].memory_mb", "17000", "with its steps", "16384"],
+            id="steps-do-not-fit",
+        ),
+        pytest.param(
+            {"deployments": [dict(HOSTED, steps=[{"model": "embed_lm"}])]},
+            ["models.alpha.deployments[0].steps", "only a Triton ensemble"],
+            id="hosted-with-steps",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=[{"model": "e_lm"}, {"model": "e_lm"}])]},
+            ["models.alpha.deployments[0].steps", "listed once"],
+            id="step-twice",
+        ),
+        pytest.param(
+            {"deployments": [dict(TRITON, steps=[{"model": "e_lm", "gpu": 1}])]},
+            ["models.alpha.deployments[0].steps[0]", "{model: <Triton model>, memory_mb: <MB>}"],
+            id="unknown-step-key",
+        ),
+        pytest.param(
+            {"task": "rerank"},
+            ["models.alpha.task", "'chat' or 'embedding'", "'rerank'"],
+            id="unknown-task",
+        ),
+        pytest.param(
+            {"task": "embedding", "deployments": [TRITON, HOSTED]},
+            ["models.alpha.deployments", "embedding model runs on Triton only"],
+            id="hosted-embeddings",
+        ),
+        pytest.param(
+            {"context_tokens": -5},
+            ["models.alpha.context_tokens", "at least 0"],
+            id="negative-context",
+        ),
+        pytest.param(
+            {"task": "embedding", "family": "beta"},
+            ["models.", "family", "'beta'", "chat and embedding models need families"],
+            id="embedding-shares-a-chat-family",
+        ),
+    ],
+)
+def test_invalid_embedding_and_ensemble_settings_name_the_location(
+    change: dict[str, Any], expected: list[str]
+) -> None:
+    data = copy.deepcopy(minimal())
+    data["models"]["alpha"].update(change)
+    with pytest.raises(ConfigError) as caught:
+        parse_catalog(data, env={})
+    for fragment in expected:
+        assert fragment in str(caught.value)

@@ -151,6 +151,37 @@ def test_a_second_service_on_a_port_in_use_refuses_to_start_with_one_clear_line(
     assert "is the port in use?" in last and "SHEPHERD_CACHE_PORT" in last
 
 
+def test_a_router_whose_http_port_is_taken_refuses_to_start_with_one_clear_line(
+    tmp_path: Path,
+) -> None:
+    http_port = free_port()
+    env = {
+        **os.environ,
+        "SHEPHERD_ROUTER_PORT": str(free_port()),
+        "SHEPHERD_ROUTER_HTTP_PORT": str(http_port),
+        "SHEPHERD_ROUTER_SPOOL_DIR": str(tmp_path / "spool"),
+        "SHEPHERD_INTERNAL_TOKEN": TOKEN,
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # never answers: not needed here
+    }
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", http_port))
+        holder.listen()
+        router = subprocess.run(
+            [sys.executable, "-m", "services.router"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert router.returncode == 2
+    last = router.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"cannot start: the router's HTTP edge could not listen on 127.0.0.1:{http_port}"
+    )
+    assert "is the port in use?" in last and "SHEPHERD_ROUTER_HTTP_PORT" in last
+
+
 def assert_only_the_service_token_opens_the_cache(channel: grpc.Channel) -> None:
     """Health and reflection are open; a cache call needs the service token."""
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -4,7 +4,8 @@ exercise what the shipped one does not.
 - `offline-tiny`: a model whose only Triton node is down (nothing listens).
 - `shared-tiny`: tiny_lm with `cache_scope: shared`, so every tenant shares its answers.
 - `sovereign-hosted` and `sovereign-local`: one model family, answered by the hosted API and
-  by the local Triton node, so a cached hosted answer is visible to the self-hosted model.
+  by the local Triton node, so a cached hosted answer is visible to the self-hosted model,
+  and the cost reports compare sovereign-local's tokens with sovereign-hosted's price.
 - tenants `grp-a` and `grp-b` in cache group `corp`, and the self-hosted-only `sovereign`.
 - `tiny-slow`: the streaming model decoding exactly max_tokens, 50 ms a step, so a test can
   cancel it mid-stream or let its deadline pass; and `tiny-engine`, the streaming model as an
@@ -52,14 +53,16 @@ def write_test_catalog(path: Path) -> Path:
             {"name": "local/shared", "kind": "triton", "pool": "local", "model": "tiny_lm"}
         ],
     }
+    # The sovereign family is compared with its own hosted model, not shepherd-tiny's.
+    sovereign = {key: value for key, value in tiny.items() if key != "hosted_equivalent"}
     data["models"][SOVEREIGN_HOSTED] = {
-        **tiny,
+        **sovereign,
         "aliases": [],
         "family": "sovereign",
         "deployments": [{"kind": "hosted", "provider": "holysheep", "model": "deepseek-v3.2"}],
     }
     data["models"][SOVEREIGN_LOCAL] = {
-        **tiny,
+        **sovereign,
         "aliases": [],
         "family": "sovereign",
         "deployments": [

@@ -31,6 +31,7 @@ from deploy.local.triton import TritonNode, process_group_members
 from libs.catalog import Deployment, Pool
 from libs.errors import ShepherdError
 from services.scheduler.events import Delta, Event, Failed, Final
+from services.scheduler.gputime import Execution, executions
 from services.scheduler.nodes import HealthConfig, Lease, NodePool
 from services.scheduler.queue import PendingRequest
 from services.scheduler.triton import NodeUnavailable, TritonBackend, infer
@@ -89,6 +90,7 @@ async def pool(node: TritonNode) -> AsyncIterator[NodePool]:
 def _lease(pool: NodePool, model: str) -> Lease:
     """A slot on the pool's only node, as NodePool.acquire grants it."""
     (node,) = pool.nodes.values()
+    node.inflight += 1  # what the grant does; the backend gives the slot back
     return Lease(pool, node, _deployment(model))
 
 
@@ -160,17 +162,27 @@ async def test_streaming_model_yields_deltas_then_one_final_per_row(pool: NodePo
         ), f"row {row}: streamed and one-shot answers differ"
         # One decoding step, one token, one delta: the final count is the deltas' sum.
         assert len(deltas) == answer.usage.completion_tokens
+        gpu = answer.placement
+        assert gpu.batch_gpu_us > 0 and gpu.batch_id
         assert answer.placement == common_pb2.Placement(
             deployment=f"{POOL}/{STREAM}",
             kind=common_pb2.BACKEND_KIND_TRITON,
             node=lease.address,
             backend_model=STREAM,
             batch_size=len(batch),
+            gpu_us=gpu.gpu_us,
+            batch_gpu_us=gpu.batch_gpu_us,
+            batch_id=gpu.batch_id,
         )
-    # Rows that finish early are final before the longer ones have finished streaming.
+    # Rows that finish early have all their text before the longer ones finish streaming;
+    # their Finals wait for the batch's end, when their share of its GPU time is known.
+    last_text = {
+        row: index for index, (row, event) in enumerate(events) if isinstance(event, Delta)
+    }
     finals = [index for index, (_, event) in enumerate(events) if isinstance(event, Final)]
-    assert finals[0] < len(events) - len(batch), "early rows end while others still stream"
-    print(f"{len(events)} events for {len(batch)} rows, finals at {finals}")
+    assert min(last_text.values()) < max(last_text.values()) - 1, "early rows end first"
+    assert min(finals) > max(last_text.values()), "Finals come when the batch has ended"
+    print(f"{len(events)} events for {len(batch)} rows, last text at {last_text}")
 
 
 @pytest.mark.asyncio
@@ -193,7 +205,11 @@ async def test_one_shot_model_yields_the_whole_text_then_final(pool: NodePool) -
     expected = await _plain_answers(lease, LIMITS)
     for row, row_events in enumerate(_per_row(events, len(batch))):
         deltas, final = _check_row(row_events)
-        assert final.completion == expected[row]
+        answer = common_pb2.Completion()
+        answer.CopyFrom(final.completion)
+        for name in ("gpu_us", "batch_gpu_us", "batch_id"):
+            answer.placement.ClearField(name)
+        assert answer == expected[row]
         assert [delta.text for delta in deltas] == ([expected[row].text] if LIMITS[row] else [])
         assert final.completion.placement.batch_size == len(batch)
 
@@ -371,3 +387,108 @@ async def test_a_deadline_mid_stream_fails_the_unfinished_rows(
         assert deltas, "the failure came after output"
         assert last.usage == deltas[-1].usage  # type: ignore[union-attr]
         assert 0 < last.usage.completion_tokens < 256
+
+
+async def _executions(client: triton.InferenceServerClient, model: str) -> dict[int, Execution]:
+    """Triton's own counters of `model`, per batch size."""
+    return executions((await client.get_inference_statistics(model)).model_stats)
+
+
+async def _recorded(
+    client: triton.InferenceServerClient, model: str, before: dict[int, Execution], batches: int
+) -> dict[int, Execution]:
+    """Triton's counters once `batches` more executions are recorded (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while True:
+        now = await _executions(client, model)
+        done = sum(e.count for e in now.values()) - sum(e.count for e in before.values())
+        if done >= batches:
+            assert done == batches
+            return now
+        assert time.monotonic() < deadline, f"{done} of {batches} executions recorded"
+        await asyncio.sleep(0.02)
+
+
+def _increase_ns(before: dict[int, Execution], after: dict[int, Execution]) -> int:
+    return sum(e.ns for e in after.values()) - sum(e.ns for e in before.values())
+
+
+def _finals(events: list[tuple[int, Event]], rows: int) -> list[common_pb2.Completion]:
+    finals: dict[int, common_pb2.Completion] = {}
+    for row, event in events:
+        if isinstance(event, Final):
+            finals[row] = event.completion
+    assert sorted(finals) == list(range(rows)), "every row ends with a Final"
+    return [finals[row] for row in range(rows)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("model", [PLAIN, STREAM])
+async def test_a_batch_splits_the_execution_triton_reports_among_its_rows_by_tokens(
+    pool: NodePool, model: str
+) -> None:
+    """The batch's GPU time is its execution's time as Triton reports it, to the
+    microsecond, and the rows' shares follow their tokens and add up to it exactly."""
+    lease = _lease(pool, model)
+    client = lease.node.client
+    before = await _executions(client, model)
+    events = await _collect(TritonBackend(), lease, _batch(LIMITS))
+    ns = _increase_ns(before, await _recorded(client, model, before, 1))
+    answers = _finals(events, len(LIMITS))
+    placements = [answer.placement for answer in answers]
+    batch_us = placements[0].batch_gpu_us
+    assert {(p.batch_id, p.batch_gpu_us) for p in placements} == {
+        (placements[0].batch_id, batch_us)
+    }
+    assert abs(batch_us - ns / 1000) < 1, (batch_us, ns)
+    assert sum(p.gpu_us for p in placements) == batch_us
+    tokens = [answer.usage.total_tokens for answer in answers]
+    for placement, used in zip(placements, tokens, strict=True):
+        assert abs(placement.gpu_us - batch_us * used / sum(tokens)) < 1
+    print(f"{model}: {batch_us} us for tokens {tokens}: {[p.gpu_us for p in placements]}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("model", [PLAIN, STREAM])
+async def test_a_batch_of_one_gets_the_whole_execution(pool: NodePool, model: str) -> None:
+    lease = _lease(pool, model)
+    client = lease.node.client
+    before = await _executions(client, model)
+    events = await _collect(TritonBackend(), lease, _batch([8]))
+    ns = _increase_ns(before, await _recorded(client, model, before, 1))
+    (answer,) = _finals(events, 1)
+    assert answer.placement.gpu_us == answer.placement.batch_gpu_us > 0
+    assert abs(answer.placement.gpu_us - ns / 1000) < 1
+
+
+@pytest.mark.asyncio
+async def test_concurrent_batches_add_up_to_the_execution_time_triton_reports(
+    pool: NodePool,
+) -> None:
+    """Many batches of both kinds of model in flight at once on one node (Triton queues
+    them): each batch's rows add up to it exactly, and all of them to Triton's own total."""
+    backend = TritonBackend()
+    sizes = [1, 3, 5, 2, 8, 1, 4, 6, 3, 7, 2, 5] * 2
+    models = [PLAIN, STREAM]
+    clients = {model: _lease(pool, model).node.client for model in models}
+    before = {model: await _executions(clients[model], model) for model in models}
+    gate = asyncio.Semaphore(4)
+
+    async def one(index: int, size: int) -> list[common_pb2.Completion]:
+        model = models[index % 2]
+        async with gate:
+            limits = [4 + (index + row) % 9 for row in range(size)]
+            return _finals(await _collect(backend, _lease(pool, model), _batch(limits)), size)
+
+    batches = await asyncio.gather(*(one(index, size) for index, size in enumerate(sizes)))
+    triton_ns = 0
+    for model in models:
+        after = await _recorded(clients[model], model, before[model], len(sizes) // 2)
+        triton_ns += _increase_ns(before[model], after)
+    for answers in batches:
+        placements = [answer.placement for answer in answers]
+        assert len({p.batch_id for p in placements}) == 1
+        assert sum(p.gpu_us for p in placements) == placements[0].batch_gpu_us
+    attributed = sum(p.placement.gpu_us for answers in batches for p in answers)
+    print(f"attributed {attributed} us, Triton reports {triton_ns / 1000:.0f} us")
+    assert abs(attributed - triton_ns / 1000) <= 0.01 * triton_ns / 1000
