@@ -78,7 +78,9 @@ EXPECTED_CALLS = {
     *((service, "jaeger", "otlp-grpc") for service in SERVICES),
     ("triton", "jaeger", "otlp-http"),
     *(("prometheus", target, "metrics") for target in (*SERVICES, "triton")),
-    ("prometheus", "router", "grpc"),  # the public API takes anyone off the namespace
+    # The public API (gRPC and HTTP) takes anyone off the namespace, Prometheus included.
+    ("prometheus", "router", "grpc"),
+    ("prometheus", "router", "http"),
 }
 
 
