@@ -197,16 +197,27 @@ def render(
     return "\n".join(lines)
 
 
+def _request_name(span: Span) -> str:
+    """`Chat` for a gRPC method's span, `POST /v1/chat/completions` for the HTTP edge's."""
+    return span.name.rsplit("/", 1)[-1] if span.name.startswith("/") else span.name
+
+
+def _status(span: Span) -> str:
+    """OK, or the gRPC status code, or the HTTP status of an HTTP request's span."""
+    http = span.attributes.get("http.response.status_code")
+    if http is not None:
+        return f"HTTP {http}"
+    code = span.attributes.get("rpc.grpc.status_code", 0)
+    return "OK" if code == 0 else f"status {code}"
+
+
 def _announce(spans: Sequence[Span]) -> None:
     """One line per request the router served: what it was, and how to see its trace."""
     for span in spans:
         if span.service != ROUTER or span.parent_span_id or span.kind != "server":
             continue
-        method = span.name.rsplit("/", 1)[-1]
-        code = span.attributes.get("rpc.grpc.status_code", 0)
-        status = "OK" if code == 0 else f"status {code}"
         print(
-            f"[trace] {method} {status} {span.duration_ms:.1f} ms:"
+            f"[trace] {_request_name(span)} {_status(span)} {span.duration_ms:.1f} ms:"
             f" python -m deploy.local.traces {span.trace_id}",
             flush=True,
         )
@@ -271,12 +282,10 @@ def list_requests(args: argparse.Namespace) -> int:
         print(f"no request has been traced in {args.dir} yet", file=sys.stderr)
         return 1
     for span in roots:
-        code = span.attributes.get("rpc.grpc.status_code", 0)
         when = time.strftime("%H:%M:%S", time.localtime(span.start_ns / 1e9))
-        tenant = span.attributes.get("shepherd.tenant", "")
         print(
-            f"{when} {span.trace_id} {span.name.rsplit('/', 1)[-1]:<12} status {code:<2}"
-            f" {span.duration_ms:>8.1f} ms {tenant}"
+            f"{when} {span.trace_id} {_request_name(span):<26} {_status(span):<9}"
+            f" {span.duration_ms:>8.1f} ms"
         )
     return 0
 
