@@ -293,6 +293,8 @@ class SchedulerProcess:
             "SHEPHERD_INTERNAL_TOKEN": BENCH_CREDENTIALS.internal_tokens[0],
             # No trace export: it would cost CPU the measured processes need, and leave 127.0.0.1.
             "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+            # No /metrics port: two schedulers run at once here, beside anything else.
+            "SHEPHERD_SCHEDULER_METRICS_PORT": "0",
         }
         for pool in catalog_pools(self.catalog):
             env[f"SHEPHERD_POOL_{env_name(pool)}_NODES"] = self.triton_grpc

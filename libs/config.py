@@ -26,6 +26,15 @@ DEFAULT_PORTS: Mapping[str, int] = {
 # SHEPHERD_ROUTER_HTTP_PORT=0 turns it off.
 DEFAULT_ROUTER_HTTP_PORT = 8080
 
+# Where each service serves Prometheus' /metrics (libs/metrics.py): next to 9464, the port
+# OpenTelemetry's Prometheus exporter uses by default. 0 turns a service's endpoint off.
+DEFAULT_METRICS_PORTS: Mapping[str, int] = {
+    "router": 9461,
+    "scheduler": 9462,
+    "cache": 9463,
+    "billing": 9464,
+}
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message says which and how to fix it."""
@@ -131,22 +140,70 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    """Where traces go and how verbose logs are."""
+    """Where traces and metrics go, and how verbose logs are.
+
+    `enabled` is false with OTEL_SDK_DISABLED=true (OpenTelemetry's own switch): no spans, no
+    metrics, no /metrics endpoint, only logs. `metrics_port` 0 leaves /metrics off.
+    """
 
     service_name: str
     otlp_endpoint: str
     log_level: str
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    enabled: bool = True
+    # OTEL_EXPORTER_OTLP_PROTOCOL: "grpc" (Jaeger's and the Collector's 4317) or
+    # "http/protobuf" (their 4318; the endpoint is then the base URL, /v1/traces is added).
+    otlp_protocol: str = "grpc"
+    # Where metrics go (OTEL_METRICS_EXPORTER: otlp, prometheus, none, comma-separated). Unset:
+    # Prometheus' /metrics when the service has a metrics port, else OTLP to the endpoint (Jaeger,
+    # the usual OTLP endpoint, takes no metrics).
+    metrics_exporters: frozenset[str] = frozenset({"prometheus"})
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> TelemetryConfig:
         level = env_str("SHEPHERD_LOG_LEVEL", "INFO", env).upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"SHEPHERD_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+        metrics_port = env_int(
+            f"SHEPHERD_{service.upper()}_METRICS_PORT",
+            DEFAULT_METRICS_PORTS.get(service, 0),
+            minimum=0,
+            maximum=65535,
+            env=env,
+        )
         return cls(
             service_name=f"shepherd-{service}",
             otlp_endpoint=env_str("OTEL_EXPORTER_OTLP_ENDPOINT", "", env),
             log_level=level,
+            metrics_host=env_str("SHEPHERD_HOST", "127.0.0.1", env),
+            metrics_port=metrics_port,
+            enabled=not env_bool("OTEL_SDK_DISABLED", False, env),
+            otlp_protocol=_otlp_protocol(env),
+            metrics_exporters=_metrics_exporters(env, metrics_port),
         )
+
+
+def _metrics_exporters(env: Mapping[str, str] | None, metrics_port: int) -> frozenset[str]:
+    raw = env_str("OTEL_METRICS_EXPORTER", "", env)
+    if not raw:
+        return frozenset({"prometheus" if metrics_port else "otlp"})
+    chosen = frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
+    if not chosen <= {"otlp", "prometheus", "none"}:
+        raise ConfigError(
+            f"OTEL_METRICS_EXPORTER={raw!r} must name otlp, prometheus or none (comma-separated)"
+        )
+    return chosen - {"none"}
+
+
+def _otlp_protocol(env: Mapping[str, str] | None) -> str:
+    value = env_str("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", env).strip().lower()
+    if value not in {"grpc", "http/protobuf"}:
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={value!r} must be grpc or http/protobuf"
+            " (http/json is not supported)"
+        )
+    return value
 
 
 def peer_address(service: str, env: Mapping[str, str] | None = None) -> str:

@@ -13,7 +13,9 @@ For every method but health and reflection (which stay open and untraced, so pro
    the AccessPolicy says the method needs;
 2. the call runs inside a SERVER span that continues the caller's trace (libs/telemetry.py);
 3. a ShepherdError becomes its status and rich details, and anything else INTERNAL with a
-   trace id (libs/errors.py), so no servicer needs try/except boilerplate.
+   trace id (libs/errors.py), so no servicer needs try/except boilerplate;
+4. its duration is recorded by method and status code (`rpc.server.duration`,
+   libs/metrics.py), so /metrics shows every method's requests, errors and latency.
 
 The gate also drains the server on shutdown (libs/server.py): it counts the calls in flight,
 and once `close()` is called it refuses every new call with UNAVAILABLE ("retry on another
@@ -24,6 +26,7 @@ had already let through run to the end; `drain()` waits for them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -31,6 +34,7 @@ import grpc
 
 from libs.credentials import OPEN_PREFIXES, AccessPolicy
 from libs.errors import ShepherdError, abort
+from libs.metrics import RpcMetrics
 from libs.telemetry import end_status, server_span
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -70,6 +74,7 @@ class ServiceGate(grpc.aio.ServerInterceptor):
         self._service = service
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self.inflight = InFlight()
+        self._rpc = RpcMetrics()
         self._closed = False
 
     def close(self) -> None:
@@ -93,8 +98,9 @@ class ServiceGate(grpc.aio.ServerInterceptor):
             found = await continuation(handler_call_details)
             if found is None or method.startswith(OPEN_PREFIXES):
                 return found
-            handler = self._handlers[method] = _wrap(found, method, self.inflight)
+            handler = self._handlers[method] = _wrap(found, method, self.inflight, self._rpc)
         if self._closed:
+            self._rpc.record(method, grpc.StatusCode.UNAVAILABLE, 0.0)
             return refusal_handler(
                 handler,
                 grpc.StatusCode.UNAVAILABLE,
@@ -108,55 +114,78 @@ class ServiceGate(grpc.aio.ServerInterceptor):
                     handler_call_details.invocation_metadata,
                 )
                 if refusal is not None:
+                    self._rpc.record(method, refusal[0], 0.0)
                     return refusal_handler(handler, *refusal)
         return handler
 
 
+def _failure_code(context: grpc.aio.ServicerContext, error: Exception) -> grpc.StatusCode:
+    """The status a call that raised `error` ends with (as libs/errors.abort maps it)."""
+    if isinstance(error, ShepherdError):
+        return error.code
+    if isinstance(error, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
+
+
 async def _fail(
-    context: grpc.aio.ServicerContext, error: Exception, method: str, span: Any
+    context: grpc.aio.ServicerContext,
+    error: Exception,
+    method: str,
+    span: Any,
+    code: grpc.StatusCode,
 ) -> NoReturn:
     """Record how the call failed on its span, then end it with the matching status."""
     if isinstance(error, ShepherdError):
-        end_status(span, error.code, error.message)
+        end_status(span, code, error.message)
     elif isinstance(error, grpc.aio.AbortError):
-        end_status(span, context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+        end_status(span, code, context.details() or "")
     else:
-        end_status(span, grpc.StatusCode.INTERNAL, type(error).__name__)
+        end_status(span, code, type(error).__name__)
     await abort(context, error, method)
 
 
-def _single(behavior: Unary, method: str, inflight: InFlight) -> Unary:
-    """A servicer method that answers once, run in a span, its errors mapped, counted."""
+def _single(behavior: Unary, method: str, inflight: InFlight, rpc: RpcMetrics) -> Unary:
+    """A servicer method that answers once, run in a span, its errors mapped, counted, and its
+    duration recorded by status code."""
 
     async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
         inflight.enter()
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
         try:
             with server_span(method, context.invocation_metadata()) as span:
                 try:
                     response = await behavior(request, context)
                 except asyncio.CancelledError:
-                    end_status(span, grpc.StatusCode.CANCELLED)
+                    code = grpc.StatusCode.CANCELLED
+                    end_status(span, code)
                     raise
                 except Exception as error:
-                    await _fail(context, error, method, span)
-                end_status(span, context.code() or grpc.StatusCode.OK)
+                    code = _failure_code(context, error)
+                    await _fail(context, error, method, span, code)
+                code = context.code() or grpc.StatusCode.OK
+                end_status(span, code)
                 return response
         finally:
             inflight.leave()
+            rpc.record(method, code, time.perf_counter() - started)
 
     return single
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, inflight: InFlight) -> grpc.RpcMethodHandler:
-    """`handler` with its servicer run inside a span and its errors mapped to statuses, and
-    counted in `inflight` while it runs."""
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, inflight: InFlight, rpc: RpcMetrics
+) -> grpc.RpcMethodHandler:
+    """`handler` with its servicer run inside a span and its errors mapped to statuses,
+    counted in `inflight` while it runs, and its duration recorded by status code."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _single(handler.unary_unary, method, inflight), **kwargs
+            _single(handler.unary_unary, method, inflight, rpc), **kwargs
         )
     if handler.unary_stream is not None:
         stream: Streaming = handler.unary_stream
@@ -165,26 +194,32 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, inflight: InFlight) -> gr
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             inflight.enter()
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
             try:
                 with server_span(method, context.invocation_metadata()) as span:
                     try:
                         async for response in stream(request, context):
                             yield response
-                    except asyncio.CancelledError:
-                        end_status(span, grpc.StatusCode.CANCELLED)
+                    except (asyncio.CancelledError, GeneratorExit):
+                        code = grpc.StatusCode.CANCELLED
+                        end_status(span, code)
                         raise
                     except Exception as error:
-                        await _fail(context, error, method, span)
-                    end_status(span, context.code() or grpc.StatusCode.OK)
+                        code = _failure_code(context, error)
+                        await _fail(context, error, method, span, code)
+                    code = context.code() or grpc.StatusCode.OK
+                    end_status(span, code)
             finally:
                 inflight.leave()
+                rpc.record(method, code, time.perf_counter() - started)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
     if handler.stream_unary is not None:
         # CacheService/Publish (a leader streams its text for its followers): the request is
         # an iterator, the answer one message, so it is wrapped as a unary call is.
         return grpc.stream_unary_rpc_method_handler(
-            _single(handler.stream_unary, method, inflight), **kwargs
+            _single(handler.stream_unary, method, inflight, rpc), **kwargs
         )
     return handler  # no bidirectional methods in Shepherd's contracts
 

@@ -1,4 +1,6 @@
-"""JSON logs, one object per line, carrying the trace id so a log line leads to its trace."""
+"""JSON logs, one object per line, carrying the trace id and the tenant of the request being
+served, so a log line leads to its trace (`python -m deploy.local.traces <trace_id>`, or
+Jaeger) and to whom it concerns."""
 
 from __future__ import annotations
 
@@ -6,9 +8,20 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import trace
+
+# The tenant of the request this task serves: each gRPC call runs in its own task, so setting
+# it in a handler (libs/telemetry.set_tenant) names that call's tenant and no other's.
+_tenant: ContextVar[str] = ContextVar("shepherd_tenant", default="")
+
+
+def bind_tenant(tenant: str) -> None:
+    """Every log line the current request writes from now on carries `tenant`."""
+    _tenant.set(tenant)
+
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -32,6 +45,9 @@ class JsonFormatter(logging.Formatter):
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             entry["trace_id"] = f"{span_context.trace_id:032x}"
+        tenant = _tenant.get()
+        if tenant:
+            entry["tenant"] = tenant
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

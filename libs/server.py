@@ -50,6 +50,7 @@ from libs.credentials import AccessPolicy
 from libs.gate import ServiceGate
 from libs.health import Health, Probe, RedisProbe
 from libs.logs import setup_logging
+from libs.metrics import MetricsListenError
 from libs.tasks import set_fatal_handler
 from libs.telemetry import setup_metrics, setup_tracing
 
@@ -105,10 +106,22 @@ _SERVER_OPTIONS = (
 
 
 def setup_process(telemetry: TelemetryConfig) -> None:
-    """Set up logging, tracing and metrics before anything else is created."""
+    """Set up logging, tracing and metrics (with /metrics) before anything else is created."""
     setup_logging(telemetry.service_name, telemetry.log_level)
     setup_tracing(telemetry)
-    setup_metrics(telemetry)
+    try:
+        setup_metrics(telemetry)
+    except MetricsListenError as error:
+        service = telemetry.service_name.removeprefix("shepherd-")
+        raise ListenError(
+            f"{error}: is the port in use? (set SHEPHERD_{service.upper()}_METRICS_PORT to"
+            " another port, or 0 to serve no /metrics)"
+        ) from None
+    if telemetry.enabled and telemetry.metrics_port:
+        _log.info(
+            "serving /metrics",
+            extra={"address": f"{telemetry.metrics_host}:{telemetry.metrics_port}"},
+        )
 
 
 # Once the server has drained (or the grace period is over), what grpc itself still gives a

@@ -19,19 +19,28 @@ traces read the same in Jaeger.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import grpc
 from opentelemetry import metrics, propagate, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from libs.config import TelemetryConfig
+from libs.logs import bind_tenant
+from libs.metrics import serve_prometheus
 
 _tracer = trace.get_tracer("shepherd.grpc")
 
@@ -49,31 +58,91 @@ _SERVER_ERRORS = frozenset(
 )
 
 
-def setup_tracing(config: TelemetryConfig) -> TracerProvider:
-    """Install the global tracer provider; export spans only when an OTLP endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
-    if config.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def setup_tracing(config: TelemetryConfig) -> TracerProvider | None:
+    """Install the global tracer provider; export spans only when an OTLP endpoint is set.
 
-        exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)
+    With OTEL_SDK_DISABLED=true nothing is installed: OpenTelemetry's API then hands out
+    non-recording spans, which cost next to nothing (the telemetry benchmark's "off").
+    """
+    if not config.enabled:
+        return None
+    if not os.environ.get("OTEL_PROPAGATORS"):
+        # W3C trace context only: nothing in the mesh uses baggage, and the default composite
+        # propagator parses and writes it on every hop.
+        propagate.set_global_textmap(TraceContextTextMapPropagator())
+    provider = TracerProvider(resource=_resource(config))
+    if config.otlp_endpoint:
+        exporter: SpanExporter
+        if config.otlp_protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HttpSpanExporter,
+            )
+
+            exporter = HttpSpanExporter(endpoint=_http_url(config.otlp_endpoint, "traces"))
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 
 
-def setup_metrics(config: TelemetryConfig) -> MeterProvider:
-    """Install the global meter provider; export metrics only when an OTLP endpoint is set."""
-    readers = []
-    if config.otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+def setup_metrics(config: TelemetryConfig) -> MeterProvider | None:
+    """Install the global meter provider: Prometheus' /metrics on the service's metrics port
+    (libs/metrics.py), OTLP export to the endpoint, or both (`TelemetryConfig.metrics_exporters`:
+    each reader aggregates every measurement again, so only what is asked for runs).
 
-        exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
+    Raises MetricsListenError when the metrics port cannot be bound.
+    """
+    if not config.enabled:
+        return None
+    readers: list[MetricReader] = []
+    exporters = config.metrics_exporters
+    if config.otlp_endpoint and "otlp" in exporters:
+        exporter: MetricExporter
+        if config.otlp_protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+                OTLPMetricExporter as HttpMetricExporter,
+            )
+
+            exporter = HttpMetricExporter(endpoint=_http_url(config.otlp_endpoint, "metrics"))
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
         readers.append(PeriodicExportingMetricReader(exporter))
+    if config.metrics_port and "prometheus" in exporters:
+        reader, _server = serve_prometheus(config.metrics_host, config.metrics_port)
+        readers.append(reader)
+    # No exemplars unless asked for (OTEL_METRICS_EXEMPLAR_FILTER): Prometheus' text format
+    # cannot carry them, and offering one on every measurement in a sampled span costs CPU on
+    # every request (measured: bench/telemetry.py).
+    exemplars = (
+        None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    )
     provider = MeterProvider(
-        resource=Resource.create({"service.name": config.service_name}), metric_readers=readers
+        resource=_resource(config), metric_readers=readers, exemplar_filter=exemplars
     )
     metrics.set_meter_provider(provider)
     return provider
+
+
+def _http_url(base: str, signal: str) -> str:
+    """OTLP/HTTP's URL for a signal under the endpoint's base URL (as the spec composes it)."""
+    return f"{base.rstrip('/')}/v1/{signal}"
+
+
+def _resource(config: TelemetryConfig) -> Resource:
+    """service.name, plus whatever OTEL_RESOURCE_ATTRIBUTES adds (k8s pod names, versions)."""
+    return Resource.create({"service.name": config.service_name})
+
+
+def set_tenant(tenant: str) -> None:
+    """Name the tenant of the request being served: on its span (`shepherd.tenant`, so
+    Jaeger can search by tenant) and on every log line it writes (libs/logs.py)."""
+    bind_tenant(tenant)
+    trace.get_current_span().set_attribute("shepherd.tenant", tenant)
 
 
 @contextmanager
@@ -158,6 +227,18 @@ def end_status(span: trace.Span, code: grpc.StatusCode, message: str = "") -> No
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+
+
+def sampled_trace_headers(context: Context | None = None) -> dict[str, str]:
+    """The W3C trace context to send a backend that traces whatever carries one (Triton), or
+    nothing when the span is not sampled: Triton ignores the sampled flag, so an unsampled
+    request would leave Triton's spans alone in the trace store, and cost Triton the work."""
+    span = trace.get_current_span(context)
+    if not span.get_span_context().trace_flags.sampled:
+        return {}
+    headers: dict[str, str] = {}
+    propagate.inject(headers, context=context)
+    return headers
 
 
 def trace_metadata() -> tuple[tuple[str, str], ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -9,7 +10,14 @@ import redis.asyncio as redis
 
 from deploy.local.ports import free_port
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
+from libs.config import DEFAULT_METRICS_PORTS
 from libs.server import open_redis
+
+# Services the tests start serve no /metrics unless a test gives them a port (the local
+# launcher does): the documented defaults (9461-9464) would make two test runs on one machine,
+# or a test beside `make run`, fight over them.
+for _service in DEFAULT_METRICS_PORTS:
+    os.environ.setdefault(f"SHEPHERD_{_service.upper()}_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,13 @@ until every service reports SERVING on the standard health service, issues a fre
 key, and stops everything in reverse order on Ctrl-C or SIGTERM. The router also serves the
 OpenAI-compatible HTTP API on its own port (8080 for `make run`, a free one in tests). Nothing
 listens anywhere but 127.0.0.1.
+
+Observability (README "Observability"): every service serves Prometheus' /metrics on its
+metrics port (9461-9464 for `make run`, free ports in tests). Unless OTEL_EXPORTER_OTLP_ENDPOINT
+points at a collector of the user's own (Jaeger's 4317), `make run` starts a local trace
+collector (`python -m deploy.local.traces serve`) first: the services export their spans to it
+over OTLP/gRPC, Triton over OTLP/HTTP, and it prints, for every request the router serves, the
+command that shows its trace.
 """
 
 from __future__ import annotations
@@ -33,13 +40,19 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.local.ports import free_port, free_ports
+from deploy.local.ports import LOCALHOST, free_port, free_ports
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.provider_sim import SimProcess
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
 from libs.apikeys import issue_key_at
-from libs.config import DEFAULT_PORTS, DEFAULT_ROUTER_HTTP_PORT, REPO_ROOT, env_int
+from libs.config import (
+    DEFAULT_METRICS_PORTS,
+    DEFAULT_PORTS,
+    DEFAULT_ROUTER_HTTP_PORT,
+    REPO_ROOT,
+    env_int,
+)
 
 SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
@@ -72,22 +85,41 @@ class MeshConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     internal_token: str = field(default_factory=lambda: secrets.token_hex(32))
     admin_key: str = field(default_factory=lambda: "sk-admin-" + secrets.token_urlsafe(32))
+    # Prometheus /metrics port per service; a service not named serves none.
+    metrics_ports: Mapping[str, int] = field(default_factory=dict)
+    # Where Triton sends its spans (OTLP/HTTP base URL; it posts to <base>/v1/traces); empty:
+    # Triton does not trace, unless the local collector runs.
+    otlp_http_endpoint: str = ""
+    # Start the local trace collector (deploy/local/traces.py) and send every span to it.
+    collect_traces: bool = False
+    # The collector prints a line per request with its trace command (on the launcher's stdout).
+    announce_traces: bool = False
 
     @classmethod
     def from_env(cls, run_dir: Path) -> MeshConfig:
         """`make run`: the documented default ports, overridable per service."""
+        otlp_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
         return cls(
             run_dir=run_dir,
             service_ports={
                 name: env_int(f"SHEPHERD_{name.upper()}_PORT", port, minimum=1, maximum=65535)
                 for name, port in DEFAULT_PORTS.items()
             },
+            metrics_ports={
+                name: env_int(f"SHEPHERD_{name.upper()}_METRICS_PORT", port, minimum=0)
+                for name, port in DEFAULT_METRICS_PORTS.items()
+            },
+            otlp_http_endpoint=os.environ.get(
+                "SHEPHERD_TRITON_OTLP_ENDPOINT", _http_beside(otlp_endpoint)
+            ),
+            collect_traces=not otlp_endpoint,
+            announce_traces=not otlp_endpoint,
             http_port=env_int(
                 "SHEPHERD_ROUTER_HTTP_PORT", DEFAULT_ROUTER_HTTP_PORT, minimum=0, maximum=65535
             ),
             redis_url=os.environ.get("REDIS_URL", ""),
             hosted_api_key=os.environ.get("SHEPHERD_HOSTED_API_KEY", ""),
-            otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            otlp_endpoint=otlp_endpoint,
             internal_token=os.environ.get("SHEPHERD_INTERNAL_TOKEN") or secrets.token_hex(32),
             admin_key=(os.environ.get("SHEPHERD_ADMIN_KEYS") or "").split(",")[0].strip()
             or "sk-admin-" + secrets.token_urlsafe(32),
@@ -97,14 +129,23 @@ class MeshConfig:
     def ephemeral(cls, run_dir: Path, **kwargs: object) -> MeshConfig:
         """Tests: every port picked free at start."""
         # Distinct ports: free_port() in a loop can hand out the same port twice.
-        *grpc_ports, http_port = free_ports(len(SERVICES) + 1)
-        ports = dict(zip(SERVICES, grpc_ports, strict=True))
+        spare = iter(free_ports(2 * len(SERVICES) + 1))
+        ports = {name: next(spare) for name in SERVICES}
+        metrics = {name: next(spare) for name in SERVICES}
         return cls(
             run_dir=run_dir,
             service_ports=ports,
-            http_port=http_port,
-            **kwargs,  # type: ignore[arg-type]
+            http_port=next(spare),
+            **{"metrics_ports": metrics, **kwargs},  # type: ignore[arg-type]
         )
+
+
+def _http_beside(otlp_grpc_endpoint: str) -> str:
+    """The OTLP/HTTP endpoint of the collector at an OTLP/gRPC endpoint, by the convention
+    Jaeger and the OpenTelemetry Collector share (4317 gRPC, 4318 HTTP); "" if it is not."""
+    if otlp_grpc_endpoint.rstrip("/").endswith(":4317"):
+        return otlp_grpc_endpoint.rstrip("/")[: -len("4317")] + "4318"
+    return ""
 
 
 class MeshStartError(RuntimeError):
@@ -159,6 +200,10 @@ class LocalMesh:
         self.dev_api_key = ""
         self.log_dir = config.run_dir / "logs"
         self._lock: IO[str] | None = None
+        self.collector: subprocess.Popen[bytes] | None = None
+        self.otlp_endpoint = config.otlp_endpoint
+        self.otlp_http_endpoint = config.otlp_http_endpoint
+        self.traces_dir = config.run_dir / "traces"
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.config.service_ports[service]}"
@@ -191,8 +236,19 @@ class LocalMesh:
         if self.sim is not None:
             env["SHEPHERD_HOSTED_API_KEY"] = self.sim.api_key
             env["SHEPHERD_PROVIDER_HOLYSHEEP_BASE_URL"] = self.sim.base_url
-        if self.config.otlp_endpoint:
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.otlp_endpoint
+        if self.otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_endpoint
+            if self.collector is not None and env.get("OTEL_EXPORTER_OTLP_PROTOCOL") == (
+                "http/protobuf"
+            ):
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_http_endpoint
+        if self.collector is not None:
+            # Spans reach the local collector within half a second, so a trace asked for just
+            # after its answer is whole (OpenTelemetry's default is 5 s).
+            env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "500")
+        for name in SERVICES:
+            port = self.config.metrics_ports.get(name, 0)
+            env[f"SHEPHERD_{name.upper()}_METRICS_PORT"] = str(port)
         # Always set: a router left to its default (8080) would collide with `make run`.
         env["SHEPHERD_ROUTER_HTTP_PORT"] = str(self.config.http_port)
         # Each router replica keeps usage that billing cannot take yet in its own spool.
@@ -217,6 +273,8 @@ class LocalMesh:
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim_run_dir()
         self._check_ports_free()
+        if self.config.collect_traces:
+            self._start_collector(deadline)
         if not self.redis_url:
             self.valkey = ValkeyServer(
                 ValkeyConfig(port=free_port(), data_dir=self.config.run_dir / "valkey")
@@ -231,6 +289,12 @@ class LocalMesh:
                 # are loaded up front so the first request does not wait for a load.
                 model_control_mode="explicit",
                 load_models=PRELOADED_MODELS,
+                otlp_traces_url=(
+                    f"{self.otlp_http_endpoint}/v1/traces" if self.otlp_http_endpoint else ""
+                ),
+                trace_export_delay_ms=int(
+                    self.config.extra_env.get("OTEL_BSP_SCHEDULE_DELAY", "500")
+                ),
             )
         ).start()
         if not self.config.hosted_api_key:
@@ -250,6 +314,42 @@ class LocalMesh:
         for name in SERVICES:
             self._wait_serving(name, deadline)
         self.dev_api_key = asyncio.run(issue_key_at(self.redis_url, DEV_TENANT))
+
+    def _start_collector(self, deadline: float) -> None:
+        """Start the local trace collector and point every exporter at it (see the module)."""
+        grpc_port, http_port = free_ports(2)
+        self.collector = spawn(
+            [
+                sys.executable,
+                "-m",
+                "deploy.local.traces",
+                "serve",
+                "--dir",
+                str(self.traces_dir),
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+                *(["--announce"] if self.config.announce_traces else []),
+            ],
+            env=os.environ,
+            log_path=self.log_dir / "traces.log",
+            stdout=sys.stdout.fileno() if self.config.announce_traces else None,
+        )
+        self.otlp_endpoint = f"http://{LOCALHOST}:{grpc_port}"
+        self.otlp_http_endpoint = f"http://{LOCALHOST}:{http_port}"
+        for port in (grpc_port, http_port):
+            while True:
+                if self.collector.poll() is not None:
+                    raise MeshStartError(
+                        "the trace collector exited:\n" + tail(self.log_dir / "traces.log")
+                    )
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    if probe.connect_ex((LOCALHOST, port)) == 0:
+                        break
+                if time.monotonic() > deadline:
+                    raise MeshStartError("the trace collector did not start listening")
+                time.sleep(0.05)
 
     def _claim_run_dir(self) -> None:
         """Hold the run directory for this mesh's life: two meshes must not share it.
@@ -277,6 +377,11 @@ class LocalMesh:
         ]
         if self.config.http_port:
             ports.append(("router HTTP", "SHEPHERD_ROUTER_HTTP_PORT", self.config.http_port))
+        ports += [
+            (f"{name} /metrics", f"SHEPHERD_{name.upper()}_METRICS_PORT", port)
+            for name, port in self.config.metrics_ports.items()
+            if port
+        ]
         for name, variable, port in ports:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 # A port left in TIME_WAIT by a mesh just stopped is free; a listener is not.
@@ -311,6 +416,8 @@ class LocalMesh:
         env = {
             **self.service_env(),
             "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(port)),
+            # The first router holds the router's metrics port; extra replicas serve none.
+            "SHEPHERD_ROUTER_METRICS_PORT": "0",
             **(extra_env or {}),
             "SHEPHERD_ROUTER_PORT": str(port),
             "SHEPHERD_ROUTER_HTTP_PORT": str(http_port),
@@ -371,6 +478,7 @@ class LocalMesh:
             env = {
                 **self.service_env(),
                 "SHEPHERD_ROUTER_SPOOL_DIR": str(self.spool_dir(int(old.address.rsplit(":")[1]))),
+                "SHEPHERD_ROUTER_METRICS_PORT": "0",
                 "SHEPHERD_ROUTER_PORT": old.address.rsplit(":")[1],
                 "SHEPHERD_ROUTER_HTTP_PORT": old.http_address.rsplit(":")[1]
                 if old.http_address
@@ -406,6 +514,9 @@ class LocalMesh:
         if self.valkey is not None:
             self.valkey.stop()
             self.valkey = None
+        if self.collector is not None:  # last: it takes the spans the others flush on exit
+            stop(self.collector)
+            self.collector = None
         if self._lock is not None:
             self._lock.close()  # releases the run directory
             self._lock = None
@@ -495,9 +606,42 @@ def banner(mesh: LocalMesh) -> str:
         f"  {grpcurl} -plaintext {admin} -d '{{}}' \\",
         f"    {mesh.address('scheduler')} shepherd.scheduler.v1.SchedulerService/GetStats",
         "",
+        *observability_lines(mesh),
+        "",
         "Press Ctrl-C to stop everything.",
     ]
     return "\n".join(lines)
+
+
+def observability_lines(mesh: LocalMesh) -> list[str]:
+    """The banner's part on metrics and traces: where to scrape, and how to see a trace."""
+    ports = mesh.config.metrics_ports
+    lines = ["Metrics (Prometheus text format, one endpoint per service):"]
+    lines += [
+        f"  {name:<10} http://{LOCALHOST}:{ports[name]}/metrics"
+        for name in reversed(SERVICES)
+        if ports.get(name)
+    ]
+    if mesh.triton is not None:
+        lines.append(f"  {'triton':<10} {mesh.triton.config.metrics_url}")
+    traces = f"{REPO_ROOT / '.venv' / 'bin' / 'python'} -m deploy.local.traces"
+    if mesh.collector is not None:
+        lines += [
+            "",
+            "Traces: every answer carries its traceId. See that request's whole trace (router,",
+            "cache, scheduler, batch, Triton's own spans, billing) as a tree with timings:",
+            f"  {traces} <traceId>",
+            f"  {traces} --last      (the latest request; --list for the recent ones)",
+            "Each request the router serves is announced below with that command.",
+        ]
+    elif mesh.otlp_endpoint:
+        triton = mesh.otlp_http_endpoint or "nowhere (set SHEPHERD_TRITON_OTLP_ENDPOINT)"
+        lines += [
+            "",
+            f"Traces go to {mesh.otlp_endpoint} (OTLP/gRPC; Triton's to {triton}, OTLP/HTTP):",
+            "look each answer's traceId up there (in Jaeger's UI: /trace/<traceId>).",
+        ]
+    return lines
 
 
 def openai_examples(mesh: LocalMesh) -> list[str]:

@@ -28,6 +28,14 @@ box. The traps, all handled here in code rather than by hand:
 
 The server runs in its own process group with PR_SET_PDEATHSIG=SIGKILL, so it dies when the
 thread that started it dies, and `stop()` can reap the stub processes with the group.
+
+Tracing: with `otlp_traces_url` set, the node runs Triton's OpenTelemetry tracer
+(`--trace-config mode=opentelemetry`) and exports over OTLP/HTTP to that URL (Triton's tracer
+speaks no OTLP/gRPC). `rate=0` traces exactly the requests that carry a W3C trace context
+(Triton reads `traceparent` from the gRPC metadata), which is every call the scheduler makes
+for a sampled request (libs/telemetry.sampled_trace_headers), so Triton's spans
+(InferRequest, then the model's, then compute with its input/infer/output timestamps) join the
+request's trace under the scheduler's call span, and a call without context costs nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +68,22 @@ SHM_PREFIX = "shepherd_"
 ModelControlMode = Literal["none", "explicit"]
 
 
+def trace_args(cfg: TritonNodeConfig) -> list[str]:
+    """tritonserver's OpenTelemetry tracing flags (see the module docstring), or none."""
+    if not cfg.otlp_traces_url:
+        return []
+    return [
+        "--trace-config=mode=opentelemetry",
+        f"--trace-config=opentelemetry,url={cfg.otlp_traces_url}",
+        f"--trace-config=opentelemetry,resource=service.name={cfg.trace_service_name}",
+        f"--trace-config=opentelemetry,resource=service.instance.id={cfg.grpc_url}",
+        f"--trace-config=opentelemetry,bsp_schedule_delay={cfg.trace_export_delay_ms}",
+        "--trace-config=rate=0",
+        "--trace-config=count=-1",
+        "--trace-config=level=TIMESTAMPS",
+    ]
+
+
 class TritonStartError(RuntimeError):
     """Raised when a node cannot be launched or does not become ready in time."""
 
@@ -81,6 +105,10 @@ class TritonNodeConfig:
     log_verbose: int = 0
     gpu: bool = False  # False adds flags that stop a CPU-only node from probing CUDA.
     extra_args: tuple[str, ...] = field(default=())
+    # OTLP/HTTP traces endpoint (e.g. http://127.0.0.1:4318/v1/traces); empty: no tracing.
+    otlp_traces_url: str = ""
+    trace_service_name: str = "triton"
+    trace_export_delay_ms: int = 1000  # how long Triton batches spans before exporting
 
     @classmethod
     def with_free_ports(
@@ -351,6 +379,7 @@ class TritonNode:
             ]
         if cfg.model_control_mode == "explicit":
             args += [f"--load-model={name}" for name in cfg.load_models]
+        args += trace_args(cfg)
         args += list(cfg.extra_args)
         return args
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import metrics
 from redis.exceptions import RedisError
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
@@ -14,7 +16,7 @@ from libs.accounts import InvalidRecord, utc_now
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog
 from libs.errors import ShepherdError, invalid_argument
-from libs.telemetry import child_span
+from libs.telemetry import child_span, set_tenant
 from services.billing.costs import advice, bucket_pb, usage_of
 from services.billing.ledger import Ledger, UsageEntry, report_range
 from services.billing.pools import (
@@ -26,6 +28,70 @@ from services.billing.pools import (
 )
 
 TENANT_RULE = "is required: 1-64 letters, digits, '-' or '_'"
+NANO_PER_USD = 1_000_000_000
+
+# What billing records, by tenant and model, for dashboards (/metrics): tenants and catalog
+# models are bounded sets; request ids are never attributes. Counted once per ledger entry
+# written (a duplicate record adds nothing), from the same figures the ledger holds, into
+# in-process totals that the metrics SDK reads when it collects (an addition per record on the
+# request path, not a measurement).
+_billed: dict[tuple[str, str], list[int]] = {}  # (tenant, model) -> totals, as _FIELDS
+_FIELDS = ("cost_nano", "input", "output", "hit", "miss")
+
+
+def _count(request: billing_pb2.RecordUsageRequest, model: str, cost_nano: int) -> None:
+    """Add one newly billed record to the billing metrics."""
+    totals = _billed.get((request.tenant, model))
+    if totals is None:
+        totals = _billed[(request.tenant, model)] = [0, 0, 0, 0, 0]
+    totals[0] += cost_nano
+    totals[1] += request.usage.prompt_tokens
+    totals[2] += request.usage.completion_tokens
+    totals[3 if request.cache_hit else 4] += 1
+
+
+def _observe_cost(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(t[0] / NANO_PER_USD, {"tenant": tenant, "model": model})
+        for (tenant, model), t in list(_billed.items())
+    ]
+
+
+def _observe_tokens(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(t[index], {"tenant": tenant, "model": model, "type": kind})
+        for (tenant, model), t in list(_billed.items())
+        for index, kind in ((1, "input"), (2, "output"))
+    ]
+
+
+def _observe_requests(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(t[index], {"tenant": tenant, "model": model, "cache_hit": hit})
+        for (tenant, model), t in list(_billed.items())
+        for index, hit in ((3, "true"), (4, "false"))
+    ]
+
+
+_meter = metrics.get_meter("shepherd.billing")
+_meter.create_observable_counter(
+    "shepherd.billing.cost.usd",
+    callbacks=[_observe_cost],
+    unit="{USD}",
+    description="Cost billed, by tenant and model.",
+)
+_meter.create_observable_counter(
+    "shepherd.billing.tokens",
+    callbacks=[_observe_tokens],
+    unit="{token}",
+    description="Tokens billed, by tenant, model and type (input, output).",
+)
+_meter.create_observable_counter(
+    "shepherd.billing.requests",
+    callbacks=[_observe_requests],
+    unit="{request}",
+    description="Requests billed, by tenant, model and whether the cache answered.",
+)
 
 
 def unreachable(error: RedisError, what: str = "the billing ledger") -> ShepherdError:
@@ -128,6 +194,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         """Bill one record inside a span of its own request's trace (see `child_span`)."""
         with child_span("billing.record", request.traceparent) as span:
             span.set_attribute("shepherd.request_id", request.request_id)
+            if valid_tenant(request.tenant):
+                set_tenant(request.tenant)
             return await self._record_one(request)
 
     async def _record_one(
@@ -210,6 +278,8 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                     )
                 ]
             )
+        if not recorded.duplicate:
+            _count(request, model.name, recorded.cost_nano)
         return billing_pb2.RecordUsageResponse(
             cost=common_pb2.Money(nano_usd=recorded.cost_nano),
             duplicate=recorded.duplicate,

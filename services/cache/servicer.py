@@ -23,6 +23,7 @@ from libs.errors import ShepherdError, invalid_argument
 from libs.fingerprint import is_cacheable
 from libs.generation import cache_policy_violations, message_violations, sampling_violations
 from libs.server import text
+from libs.telemetry import set_tenant
 from services.cache.flights import Flights, lease_key
 from services.cache.keys import KEY_PREFIX, cache_key, key_namespace, namespace
 from services.cache.stats import CacheStats
@@ -73,6 +74,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         violations.extend(sampling_violations(request.params))
         if violations:
             raise invalid_argument(violations)
+        set_tenant(request.tenant)
         if not is_cacheable(request.policy, request.params):
             return cache_pb2.LookupResponse(cacheable=False, outcome=cache_pb2.LOOKUP_OUTCOME_MISS)
         space = namespace(self._catalog, request.tenant, request.model_family)
@@ -135,6 +137,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             violations.append(("tenant", _TENANT_RULE))
         if violations:
             raise invalid_argument(violations)
+        set_tenant(tenant)
         assert parsed is not None
         space, family = parsed
         if space != namespace(self._catalog, tenant, family):

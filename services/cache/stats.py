@@ -5,6 +5,11 @@ Why not on every lookup: an HINCRBY per lookup would double the cache's Redis ro
 counting in memory and flushing the increments once a second costs one pipeline a second.
 Entries and bytes per family are read when asked (a bounded SCAN), since they change with
 every store and expiry and nobody needs them between calls.
+
+Each count also goes to this process's metrics (/metrics, libs/metrics.py):
+`shepherd.cache.events` by event (hit, miss, coalesced, lease, lease_expired; the hit ratio is
+(hit + coalesced) / (hit + coalesced + miss), as GetStats computes it) and
+`shepherd.cache.cost_saved.usd`, the list price of the answers served from the cache.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Iterable
 
 import redis.asyncio as redis
+from opentelemetry import metrics
 from redis.exceptions import RedisError
 from shepherd.cache.v1 import cache_pb2
 from shepherd.common.v1 import common_pb2
@@ -26,6 +33,43 @@ STATS_KEY = "shepherd:cache:stats"
 FIELDS = ("hits", "misses", "coalesced", "leases", "leases_expired", "saved_nano")
 # The most entries GetStats scans to count entries and bytes per family.
 MAX_SCANNED = 200_000
+NANO_PER_USD = 1_000_000_000
+
+_EVENTS = {
+    "hits": "hit",
+    "misses": "miss",
+    "coalesced": "coalesced",
+    "leases": "lease",
+    "leases_expired": "lease_expired",
+}
+# Every count since the process started, read when metrics are collected: a count costs an
+# integer addition on the request path, not a metrics-SDK measurement.
+_counted: Counter[str] = Counter()
+
+
+def _events(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [
+        metrics.Observation(_counted[name], {"event": event}) for name, event in _EVENTS.items()
+    ]
+
+
+def _saved(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [metrics.Observation(_counted["saved_nano"] / NANO_PER_USD)]
+
+
+_meter = metrics.get_meter("shepherd.cache")
+_meter.create_observable_counter(
+    "shepherd.cache.events",
+    callbacks=[_events],
+    unit="{event}",
+    description="Lookups by outcome (hit, miss), coalesced followers, leases taken and expired.",
+)
+_meter.create_observable_counter(
+    "shepherd.cache.cost_saved.usd",
+    callbacks=[_saved],
+    unit="{USD}",
+    description="List price of the answers served from the cache instead of computed.",
+)
 
 
 class CacheStats:
@@ -38,6 +82,7 @@ class CacheStats:
 
     def count(self, name: str, n: int = 1) -> None:
         self._pending[name] += n
+        _counted[name] += n
 
     async def run(self) -> None:
         """Flush the increments once a second, for ever (a supervised loop)."""

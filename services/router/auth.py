@@ -19,13 +19,15 @@ from libs.apikeys import KeyStore, hash_key, issue_key_at
 from libs.config import redis_url
 from libs.credentials import AmbiguousCredential, bearer
 from libs.errors import ShepherdError
+from libs.telemetry import set_tenant
 
 # A revoked key must stop working on every router replica within 5 s (issue 7).
 MAX_CACHE_TTL_S = 5.0
 
 
 class Authenticator:
-    """Resolves the `authorization: Bearer <key>` metadata to a tenant.
+    """Resolves the `authorization: Bearer <key>` metadata to a tenant, and names that tenant
+    on the request's span and log lines (libs/telemetry.set_tenant).
 
     Positive answers are remembered for `cache_ttl_s` (at most 5 s) so the hot path usually
     skips Redis; a revoked key therefore stops working on every replica within that time.
@@ -53,6 +55,7 @@ class Authenticator:
         now = time.monotonic()
         cached = self._known.get(digest)
         if cached is not None and cached[1] > now:
+            set_tenant(cached[0])
             return cached[0]
         try:
             tenant = await self._keys.tenant_of(key)
@@ -72,6 +75,7 @@ class Authenticator:
         if len(self._known) > 100_000:
             self._known.clear()  # bounded memory against a flood of distinct valid keys
         self._known[digest] = (tenant, now + self._cache_ttl_s)
+        set_tenant(tenant)
         return tenant
 
 

@@ -30,6 +30,7 @@ from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
 from shepherd.scheduler.v1 import scheduler_pb2
 
+from libs import genai
 from libs.catalog import Model
 from libs.errors import ShepherdError, from_rpc_error, invalid_argument
 from libs.generation import (
@@ -54,6 +55,7 @@ class EmbedPipeline(ChatPipeline):
     """The router's Embed path: ChatPipeline with embedding validation and compute."""
 
     task = "embedding"
+    operation = genai.OPERATION_EMBEDDINGS
 
     @classmethod
     def beside(cls, chat: ChatPipeline) -> EmbedPipeline:
@@ -85,7 +87,7 @@ class EmbedPipeline(ChatPipeline):
             self_hosted_only=request.self_hosted_only,
         )
         ending: Ending | None = None
-        async for event in self.run(chat, metadata, time_remaining_s, deltas=False):
+        async for event in self.run(chat, metadata, time_remaining_s, deltas=False, method="Embed"):
             if isinstance(event, Ending):
                 ending = event
         assert ending is not None, "the pipeline always ends with an Ending or an error"

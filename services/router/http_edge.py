@@ -276,7 +276,13 @@ class HttpEdge:
         call = parse_chat(body, request.headers, uuid.uuid4().hex)
         events = cast(
             AsyncGenerator[ChatEvent, None],
-            self._pipeline.run(call.request, metadata, call.timeout_s, deltas=call.stream),
+            self._pipeline.run(
+                call.request,
+                metadata,
+                call.timeout_s,
+                deltas=call.stream,
+                method="POST /v1/chat/completions",
+            ),
         )
         async with contextlib.aclosing(events):
             if call.stream:

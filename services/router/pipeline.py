@@ -32,6 +32,7 @@ from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from libs import genai
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, from_rpc_error, invalid_argument, status_code
 from libs.fingerprint import is_cacheable, request_fingerprint
@@ -41,6 +42,7 @@ from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
 from services.router.config import RouterConfig
 from services.router.flight import Leadership, trimmed_text
+from services.router.observe import ChatObserver
 from services.router.quota import Quota, Ticket
 from services.router.spool import UsageSpool
 from services.router.usage import UsageRecorder
@@ -131,6 +133,8 @@ class ChatPipeline:
     """
 
     task = "chat"
+    # What its runs are in the GenAI conventions' words (observe.py).
+    operation = genai.OPERATION_CHAT
 
     def __init__(
         self,
@@ -151,23 +155,41 @@ class ChatPipeline:
         self._cache = cache
         self._usage = usage
         self._spool = spool
+        self._observer = ChatObserver(catalog)
 
     def _remaining(self, deadline: float, cap_s: float) -> float:
         return max(0.0, min(cap_s, deadline - time.monotonic()))
 
-    async def run(
+    def run(
         self,
         request: ChatLike,
         metadata: Metadata,
         time_remaining_s: float | None,
         *,
         deltas: bool = True,
+        method: str = "",
     ) -> AsyncIterator[ChatEvent]:
         """Answer `request`: Text events, then one Ending (then the error, if one ended it).
 
         With `deltas` false (a unary caller) the text comes as one Text event at the end, and
         the scheduler and backends skip streaming it piece by piece, which costs CPU per piece.
+        Every run leaves a GenAI span, metrics and one access line naming `method` (by default
+        the gRPC method it stands for) (observe.py).
         """
+        return self._observer.observe(
+            self._run(request, metadata, time_remaining_s, deltas),
+            request,
+            method or ("ChatStream" if deltas else "Chat"),
+            self.operation,
+        )
+
+    async def _run(
+        self,
+        request: ChatLike,
+        metadata: Metadata,
+        time_remaining_s: float | None,
+        deltas: bool,
+    ) -> AsyncIterator[ChatEvent]:
         tenant = await self._auth.tenant_for(metadata)
         if not request.model:
             raise ShepherdError(

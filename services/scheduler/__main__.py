@@ -25,7 +25,7 @@ from services.scheduler.poolusage import PoolUsage
 from services.scheduler.queue import ModelQueue
 from services.scheduler.readiness import ModelsProbe
 from services.scheduler.servicer import SchedulerServicer
-from services.scheduler.stats import ModelStats, observe_queue_depth
+from services.scheduler.stats import ModelStats, observe_outcomes, observe_queue_depth
 from services.scheduler.triton import TritonBackend
 
 _log = logging.getLogger("services.scheduler")
@@ -72,7 +72,10 @@ async def serve() -> None:
         config.health,
         placer_for,
     )
-    stats = {name: ModelStats(name) for name in catalog.models}
+    stats = {
+        name: ModelStats(name, max_batch_size=model.batching.max_batch_size)
+        for name, model in catalog.models.items()
+    }
     # The pools' hourly figures go to billing, which keeps them (poolusage.py).
     billing = open_channel(config.billing_addr, config.credentials) if config.billing_addr else None
     usage = None
@@ -103,6 +106,7 @@ async def serve() -> None:
         for name, model in catalog.models.items()
     }
     observe_queue_depth(lambda: [(name, b.queue.depth) for name, b in batchers.items()])
+    observe_outcomes(stats.values)
     for pool in pools.values():
         await pool.start()
     for batcher in batchers.values():

@@ -77,6 +77,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from shepherd.common.v1 import common_pb2
 
+from libs import genai
 from libs.catalog import Deployment
 from libs.errors import ShepherdError, retry_info
 from libs.retry import RetryPolicy
@@ -390,7 +391,9 @@ class HostedClient:
         # then invalid), the caller's incoming trace context is still forwarded upstream.
         parent_ctx = otel_context.get_current()
         with _tracer.start_as_current_span("hosted.chat", kind=SpanKind.CLIENT) as span:
-            span.set_attribute("gen_ai.request.model", upstream_model)
+            span.set_attribute(genai.OPERATION_NAME, genai.OPERATION_CHAT)
+            span.set_attribute(genai.PROVIDER_NAME, config.provider)
+            span.set_attribute(genai.REQUEST_MODEL, upstream_model)
             span.set_attribute("shepherd.hosted.upstream_model", upstream_model)
             span.set_attribute("shepherd.hosted.provider", config.provider)
             span.set_attribute("server.address", self._host)
@@ -434,9 +437,9 @@ class HostedClient:
             except HostedError as err:
                 span.set_attribute("shepherd.hosted.grpc_code", err.code.name)
                 raise
-            span.set_attribute("gen_ai.response.model", result.upstream_model)
-            span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
-            span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+            span.set_attribute(genai.RESPONSE_MODEL, result.upstream_model)
+            span.set_attribute(genai.USAGE_INPUT_TOKENS, result.prompt_tokens)
+            span.set_attribute(genai.USAGE_OUTPUT_TOKENS, result.completion_tokens)
             span.set_attribute("shepherd.hosted.usage_estimated", result.estimated)
             return result
 

@@ -17,6 +17,7 @@ from opentelemetry import trace
 from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from libs import genai
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, invalid_argument
@@ -27,6 +28,7 @@ from libs.generation import (
     priority_violations,
     task_violations,
 )
+from libs.telemetry import set_tenant
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
 from services.scheduler.events import finish_reason
@@ -111,6 +113,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._pools = pools
         self._placers = placers
         self._default_timeout_s = default_timeout_s
+        self._providers = genai.deployment_providers(
+            d for model in catalog.models.values() for d in model.deployments
+        )
         self._metering = metering or (lambda _address: (0, 0))
 
     def _pending(
@@ -133,6 +138,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         violations.extend(priority_violations(request.priority))
         if violations:
             raise invalid_argument(violations)
+        set_tenant(request.tenant)
         remaining = context.time_remaining()
         timeout_s = self._default_timeout_s if remaining is None else remaining
         params = request.params
@@ -161,13 +167,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.InferResponse:
         model, item, timeout_s = self._pending(request, context)
+        completion: common_pb2.Completion | None = None
+        error_type = ""
         # If the caller cancels, awaiting cancels the outcome too: the request leaves the
         # queue at once and is never dispatched, or its backend stream is closed.
         try:
-            await self._admission.admit(model, item)
-            completion = await asyncio.wait_for(item.future, timeout_s)
-        except TimeoutError:
-            raise _too_late(model, timeout_s) from None
+            try:
+                await self._admission.admit(model, item)
+                completion = await asyncio.wait_for(item.future, timeout_s)
+            except TimeoutError:
+                raise _too_late(model, timeout_s) from None
+        except ShepherdError as error:
+            error_type = error.code.name
+            raise
+        except asyncio.CancelledError:
+            error_type = grpc.StatusCode.CANCELLED.name
+            raise
+        finally:
+            self._served(model, item, completion, error_type)
+        assert completion is not None  # wait_for returned it, or the call raised
         if _sampled(item):
             completion.seed = item.params.seed
         return scheduler_pb2.InferResponse(completion=completion)
@@ -182,6 +200,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         """
         model, item, timeout_s = self._pending(request, context)
         channel = item.events
+        completion: common_pb2.Completion | None = None
+        error_type = grpc.StatusCode.CANCELLED.name  # until it ends any other way
         try:
             await self._admission.admit(model, item)
             async with asyncio.timeout(timeout_s):
@@ -191,16 +211,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                             delta=common_pb2.CompletionDelta(text=delta.text, usage=delta.usage)
                         )
                 completion = await item.future
+                error_type = ""
         except TimeoutError:
+            error_type = grpc.StatusCode.DEADLINE_EXCEEDED.name
             if channel.started:
                 yield _final(common_pb2.FINISH_REASON_CANCELLED, channel.partial_usage, None)
             raise _too_late(model, timeout_s) from None
-        except ShepherdError:
+        except ShepherdError as error:
+            error_type = error.code.name
             if channel.started or channel.partial_usage.total_tokens:
                 yield _final(common_pb2.FINISH_REASON_ERROR, channel.partial_usage, None)
             raise
         finally:
             item.future.cancel()  # the caller went away (or it is done): stop the work
+            self._served(model, item, completion, error_type)
         yield _final(
             finish_reason(completion.finish_reason),
             completion.usage,
@@ -266,6 +290,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 placement=placement,
                 embeddings=[vector for row in rows for vector in row.embeddings],
             )
+        )
+
+    def _served(
+        self,
+        model: Model,
+        item: PendingRequest,
+        completion: common_pb2.Completion | None,
+        error_type: str,
+    ) -> None:
+        """Record the GenAI server metrics of a request that ended (services/scheduler/stats)."""
+        now = time.monotonic()
+        if completion is not None:
+            provider = genai.provider_of(completion.placement, self._providers)
+        else:
+            primary = model.deployments[0]
+            provider = genai.PROVIDER_TRITON if primary.kind == "triton" else primary.provider
+        first = item.events.first_delta_at
+        tokens = completion.usage.completion_tokens if completion is not None else 0
+        self._batchers[model.name].stats.served(
+            now - item.enqueued_at,
+            provider,
+            completion=completion,
+            ttft_s=None if first is None else first - item.enqueued_at,
+            tpot_s=None if first is None or tokens < 2 else (now - first) / (tokens - 1),
+            error_type=error_type,
         )
 
     async def GetStats(

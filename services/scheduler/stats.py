@@ -1,9 +1,11 @@
 """What the scheduler measures: per-model counts, batch sizes, queue wait and dispatch latency.
 
 The same observations feed two readers: GetStats (exact counts since start-up and percentiles
-over a recent window, for an operator with grpcurl) and OpenTelemetry metrics (exported over
-OTLP next to the traces, for dashboards). Recording is a few integer increments and a deque
-append, cheap enough to do on every request.
+over a recent window, for an operator with grpcurl) and OpenTelemetry metrics (/metrics for
+Prometheus, and OTLP next to the traces, for dashboards). Recording is a few integer
+increments and a deque append, cheap enough to do on every request. Request duration, time to
+first token and time per output token are exported in the GenAI conventions' names and units
+(`gen_ai.server.*`, seconds; libs/genai.py), recorded once per request as it ends (`served`).
 
 Per tenant, GetStats also shows admitted and completed counts and queue waits, so an operator
 can see whether fair share holds (one tenant's flood must not show up in another's waits).
@@ -20,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import metrics
+from shepherd.common.v1 import common_pb2
+
+from libs import genai
 
 _meter = metrics.get_meter("shepherd.scheduler")
-_requests = _meter.create_counter(
-    "shepherd.scheduler.requests", unit="{request}", description="Requests by outcome."
-)
+_genai_meter = metrics.get_meter("shepherd.scheduler.genai", schema_url=genai.SCHEMA_URL)
 _batch_size = _meter.create_histogram(
     "shepherd.scheduler.batch.size",
     unit="{request}",
@@ -37,16 +40,24 @@ _queue_wait = _meter.create_histogram(
 _dispatch_latency = _meter.create_histogram(
     "shepherd.scheduler.dispatch.latency", unit="ms", description="Time a batch took to run."
 )
-_ttft = _meter.create_histogram(
-    "shepherd.scheduler.time_to_first_token",
-    unit="ms",
-    description="From admission to a request's first generated text.",
+_batch_fill = _meter.create_histogram(
+    "shepherd.scheduler.batch.fill",
+    unit="1",
+    description="Requests per dispatched batch over the model's max batch size.",
+    explicit_bucket_boundaries_advisory=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
 )
-_tpot = _meter.create_histogram(
-    "shepherd.scheduler.time_per_output_token",
-    unit="ms",
-    description="Mean time between a request's output tokens after the first.",
-)
+
+
+def _genai_histogram(name: str) -> metrics.Histogram:
+    unit, description, buckets = genai.METRICS[name]
+    return _genai_meter.create_histogram(
+        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+    )
+
+
+_request_duration = _genai_histogram(genai.SERVER_REQUEST_DURATION)
+_ttft = _genai_histogram(genai.SERVER_TIME_TO_FIRST_TOKEN)
+_tpot = _genai_histogram(genai.SERVER_TIME_PER_OUTPUT_TOKEN)
 _placement = _meter.create_counter(
     "shepherd.scheduler.placement.events", unit="{event}", description="Model loads and unloads."
 )
@@ -79,6 +90,7 @@ class ModelStats:
     """Counters of one model since start-up and recent latency samples in milliseconds."""
 
     model: str
+    max_batch_size: int = 0  # for the batch fill ratio; 0: not exported
     completed: int = 0
     spilled_over: int = 0
     batches: int = 0
@@ -90,6 +102,8 @@ class ModelStats:
     tpot_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     # Least recently seen first; bounded by MAX_TENANTS.
     tenants: OrderedDict[str, TenantStats] = field(default_factory=OrderedDict)
+    # Every outcome since start-up, read by the exported counter when metrics are collected.
+    outcomes: Counter[str] = field(default_factory=Counter)
 
     def tenant(self, name: str) -> TenantStats:
         """A tenant's entry, marked as just seen; beyond MAX_TENANTS the stalest is dropped."""
@@ -117,7 +131,7 @@ class ModelStats:
             self.completed += count
         elif outcome == "spilled_over":
             self.spilled_over += count
-        _requests.add(count, {"model": self.model, "outcome": outcome})
+        self.outcomes[outcome] += count
 
     def batch(self, size: int, waits_ms: Iterable[tuple[str, float]]) -> None:
         """A batch of `size` left the queue; `waits_ms` are its requests' (tenant, queue wait)."""
@@ -125,6 +139,8 @@ class ModelStats:
         self.batch_sizes[size] += 1
         attributes = {"model": self.model}
         _batch_size.record(size, attributes)
+        if self.max_batch_size:
+            _batch_fill.record(size / self.max_batch_size, attributes)
         for tenant, wait in waits_ms:
             self.queue_wait_ms.append(wait)
             self.tenant(tenant).queue_wait_ms.append(wait)
@@ -133,7 +149,6 @@ class ModelStats:
     def first_token(self, since_admitted_s: float) -> None:
         """A request sent its first text, `since_admitted_s` after it was admitted."""
         self.ttft_ms.append(since_admitted_s * 1000)
-        _ttft.record(since_admitted_s * 1000, {"model": self.model})
 
     def finished(self, first_at: float | None, now: float, completion: Any) -> None:
         """A request ended; time per output token after the first, when it streamed several."""
@@ -142,7 +157,38 @@ class ModelStats:
             return
         per_token_ms = (now - first_at) * 1000 / (tokens - 1)
         self.tpot_ms.append(per_token_ms)
-        _tpot.record(per_token_ms, {"model": self.model})
+
+    def served(
+        self,
+        seconds: float,
+        provider: str,
+        *,
+        completion: common_pb2.Completion | None = None,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+        error_type: str = "",
+    ) -> None:
+        """A request ended after `seconds`: the GenAI server metrics (libs/genai.py).
+
+        Time to first token and per output token are the conventions' "for successful
+        responses", so they come only with a `completion`.
+        """
+        attributes: dict[str, str] = {
+            genai.OPERATION_NAME: genai.OPERATION_CHAT,
+            genai.PROVIDER_NAME: provider,
+            genai.REQUEST_MODEL: self.model,
+        }
+        if completion is not None:
+            model = completion.placement.backend_model
+            if model:
+                attributes[genai.RESPONSE_MODEL] = model
+            if ttft_s is not None:
+                _ttft.record(ttft_s, attributes)
+            if tpot_s is not None:
+                _tpot.record(tpot_s, attributes)
+        if error_type:
+            attributes[genai.ERROR_TYPE] = error_type
+        _request_duration.record(seconds, attributes)
 
     def dispatched(self, latency_s: float, where: str, primary: bool) -> None:
         """A batch came back from `where` after `latency_s`.
@@ -163,6 +209,25 @@ class ModelStats:
 def placement_event(node: str, model: str, action: str) -> None:
     """Count a placement action in the exported metrics."""
     _placement.add(1, {"node": node, "model": model, "action": action})
+
+
+def observe_outcomes(read: Callable[[], Iterable[ModelStats]]) -> None:
+    """Export every model's outcome counts as a counter read at collection time: counting an
+    outcome on the request path is then an integer addition."""
+
+    def callback(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [
+            metrics.Observation(count, {"model": stats.model, "outcome": outcome})
+            for stats in read()
+            for outcome, count in list(stats.outcomes.items())
+        ]
+
+    _meter.create_observable_counter(
+        "shepherd.scheduler.requests",
+        callbacks=[callback],
+        unit="{request}",
+        description="Requests by outcome.",
+    )
 
 
 def observe_queue_depth(read: Callable[[], Iterable[tuple[str, int]]]) -> None:

@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from shepherd.common.v1 import common_pb2
 from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment
 from libs.errors import ShepherdError
+from libs.telemetry import sampled_trace_headers
 from services.scheduler.events import Delta, Event, Failed, Final, usage
 from services.scheduler.gputime import ExecutionMeter, Metered, split
 from services.scheduler.nodes import Lease
@@ -154,8 +155,7 @@ async def infer(
         span.set_attribute("shepherd.batch.size", len(batch))
         if steps:
             span.set_attribute("shepherd.triton.ensemble_steps", list(steps))
-        headers: dict[str, str] = {}
-        propagate.inject(headers)
+        headers = sampled_trace_headers()
         try:
             result = await client.infer(
                 deployment.backend_model,
@@ -455,8 +455,7 @@ class TritonBackend:
         )
         # Not made current: this generator is suspended at every yield, and a context
         # attached here would leak into the consumer's code between events.
-        headers: dict[str, str] = {}
-        propagate.inject(headers, context=trace.set_span_in_context(span))
+        headers = sampled_trace_headers(trace.set_span_in_context(span))
         request = {
             "model_name": deployment.backend_model,
             "inputs": _inputs(batch),

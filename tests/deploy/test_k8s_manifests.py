@@ -59,6 +59,9 @@ REDIS_USERS = {name for name, keys in SECRET_KEYS_BY_WORKLOAD.items() if REDIS_P
 # not listed must be refused. "operator" is a pod in the namespace labelled as an operator
 # tool; "outside" is a pod in another namespace (it even carries the router's labels).
 OPERATOR_LABELS = {"shepherd.io/operator": "true"}
+# Prometheus as kube-prometheus and most charts run it: its own namespace, its name label.
+PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+METRICS_PORTS = {"router": 9461, "scheduler": 9462, "cache": 9463, "billing": 9464}
 EXPECTED_CALLS = {
     ("outside", "router", "grpc"),
     ("outside", "router", "http"),  # the OpenAI-compatible HTTP edge
@@ -73,6 +76,11 @@ EXPECTED_CALLS = {
     ("scheduler", "triton", "metrics"),
     ("operator", "billing", "grpc"),
     *((service, "jaeger", "otlp-grpc") for service in SERVICES),
+    ("triton", "jaeger", "otlp-http"),
+    *(("prometheus", target, "metrics") for target in (*SERVICES, "triton")),
+    # The public API (gRPC and HTTP) takes anyone off the namespace, Prometheus included.
+    ("prometheus", "router", "grpc"),
+    ("prometheus", "router", "http"),
 }
 
 
@@ -192,6 +200,9 @@ def _sources() -> dict[str, Pod]:
         **_workload_pods(),
         "operator": Pod("operator", NAMESPACE, OPERATOR_LABELS),
         "outside": Pod("outside", "elsewhere", router_labels),
+        "prometheus": Pod("prometheus", *PROMETHEUS),
+        # Prometheus' label, in the mesh's namespace: not the monitoring Prometheus.
+        "impostor": Pod("impostor", NAMESPACE, PROMETHEUS[1]),
     }
 
 
@@ -499,7 +510,10 @@ def test_internal_targets_accept_only_their_callers(target: str) -> None:
                 assert rule.get("from"), f"{policy['metadata']['name']}: open to everyone"
                 assert rule.get("ports"), f"{policy['metadata']['name']}: open on every port"
                 for peer in rule["from"]:
-                    assert set(peer) == {"podSelector"}, policy["metadata"]["name"]
+                    # A pod of this namespace, or Prometheus' pods in its own namespace (both
+                    # selectors in one peer: pods of that namespace only).
+                    assert set(peer) in ({"podSelector"}, {"podSelector", "namespaceSelector"})
+                    assert peer["podSelector"], policy["metadata"]["name"]
 
 
 # The router's public ports: gRPC and the OpenAI-compatible HTTP edge.
@@ -546,3 +560,30 @@ def test_only_the_scheduler_reaches_the_internet() -> None:
         if _allowed("Egress", source, INTERNET, INTERNET, "https")
     }
     assert reach == {"scheduler"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_serves_metrics_where_prometheus_is_told_to_scrape(service: str) -> None:
+    pod = _workload_pods()[service]
+    port = METRICS_PORTS[service]
+    assert pod.ports["metrics"] == (port, "TCP")
+    annotations = _workloads()[service]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # The process listens where the pod says: its variable, from the shared ConfigMap.
+    assert _configmap_data()[f"SHEPHERD_{service.upper()}_METRICS_PORT"] == str(port)
+
+
+def test_triton_traces_into_jaeger_over_otlp_http() -> None:
+    args = _main_container("triton")["args"]
+    assert "--trace-config=mode=opentelemetry" in args
+    assert "--trace-config=rate=0" in args  # only requests that carry a trace context
+    (url,) = [
+        a.split("url=", 1)[1] for a in args if a.startswith("--trace-config=opentelemetry,url=")
+    ]
+    endpoint = urlsplit(url)
+    assert (endpoint.hostname, endpoint.path) == ("jaeger", "/v1/traces")
+    assert endpoint.port == _workload_pods()["jaeger"].ports["otlp-http"][0]
+    annotations = _workloads()["triton"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(_workload_pods()["triton"].ports["metrics"][0])

@@ -40,6 +40,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterat
     with running_mesh(
         tmp_path_factory,
         otlp_endpoint=otlp.endpoint,
+        otlp_http_endpoint=otlp.http_endpoint,
         extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
     ) as mesh:
         yield mesh

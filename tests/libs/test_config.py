@@ -158,3 +158,42 @@ def test_catalog_path(tmp_path: Path) -> None:
     assert "missing.yaml" in str(caught.value)
     with pytest.raises(ConfigError, match="SHEPHERD_CATALOG"):
         catalog_path(env={"SHEPHERD_CATALOG": str(tmp_path)})  # a directory is not a file
+
+
+def test_telemetry_config_reads_the_metrics_port_and_opentelemetrys_own_switches() -> None:
+    config = TelemetryConfig.from_env("cache", env={})
+    assert (config.metrics_port, config.enabled, config.otlp_protocol) == (9463, True, "grpc")
+    # With a /metrics port, metrics go there only; without one, over OTLP as before.
+    assert config.metrics_exporters == {"prometheus"}
+    off = TelemetryConfig.from_env(
+        "cache", env={"SHEPHERD_CACHE_METRICS_PORT": "0", "OTEL_SDK_DISABLED": "true"}
+    )
+    assert (off.metrics_port, off.enabled, off.metrics_exporters) == (0, False, {"otlp"})
+    both = TelemetryConfig.from_env(
+        "router",
+        env={
+            "OTEL_METRICS_EXPORTER": "otlp,prometheus",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        },
+    )
+    assert both.metrics_exporters == {"otlp", "prometheus"}
+    assert both.otlp_protocol == "http/protobuf"
+    assert (
+        TelemetryConfig.from_env("router", env={"OTEL_METRICS_EXPORTER": "none"}).metrics_exporters
+        == set()
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SHEPHERD_ROUTER_METRICS_PORT", "70000"),
+        ("OTEL_METRICS_EXPORTER", "statsd"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_SDK_DISABLED", "maybe"),
+    ],
+)
+def test_bad_telemetry_settings_fail_fast_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        TelemetryConfig.from_env("router", env={name: value})
+    assert name in str(caught.value)

@@ -281,3 +281,29 @@ def _fields(request: scheduler_pb2.InferRequest) -> dict[str, Any]:
 
 def _sim_stats(sim: SimProcess) -> dict[str, Any]:
     return dict(httpx.get(f"{sim.root_url}/_sim/stats", timeout=5).json())
+
+
+def test_a_metrics_port_in_use_stops_the_service_with_one_clear_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cache"],
+            cwd=REPO_ROOT,
+            env={
+                **os.environ,
+                "SHEPHERD_CACHE_PORT": str(free_port()),
+                "SHEPHERD_CACHE_METRICS_PORT": str(port),
+                "SHEPHERD_INTERNAL_TOKEN": TOKEN,
+                "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # never contacted
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cannot start: cannot serve /metrics on 127.0.0.1:{port}")
+    assert "SHEPHERD_CACHE_METRICS_PORT" in last

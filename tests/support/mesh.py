@@ -44,6 +44,7 @@ def running_mesh(
     tmp_path_factory: pytest.TempPathFactory,
     *,
     otlp_endpoint: str = "",
+    otlp_http_endpoint: str = "",
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[LocalMesh]:
     """A started mesh on the test catalog; stopped on exit, with nothing left running."""
@@ -51,6 +52,7 @@ def running_mesh(
     config = MeshConfig.ephemeral(
         run_dir,
         otlp_endpoint=otlp_endpoint,
+        otlp_http_endpoint=otlp_http_endpoint,
         model_repository=write_test_repository(tmp_path_factory.mktemp("models")),
         extra_env={
             "SHEPHERD_CATALOG": str(write_test_catalog(run_dir / "catalog.yaml")),
