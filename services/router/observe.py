@@ -30,12 +30,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from libs import genai
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError
+from libs.telemetry import tracer
 
 if TYPE_CHECKING:
     from services.router.pipeline import ChatEvent, ChatLike, Ending
 
 _access = logging.getLogger("shepherd.access")
-_tracer = trace.get_tracer("shepherd.router", schema_url=genai.SCHEMA_URL)
 _meter = metrics.get_meter("shepherd.router", schema_url=genai.SCHEMA_URL)
 
 
@@ -92,7 +92,7 @@ class ChatObserver:
             attributes[genai.REQUEST_TOP_P] = params.top_p
         if params.HasField("seed"):
             attributes[genai.REQUEST_SEED] = params.seed
-        span = _tracer.start_span(
+        span = tracer("shepherd.router", genai.SCHEMA_URL).start_span(
             genai.chat_span_name(requested, operation), kind=SpanKind.CLIENT, attributes=attributes
         )
         ending: Ending | None = None

@@ -42,6 +42,7 @@ from opentelemetry.trace import Link, NonRecordingSpan
 from libs.catalog import Deployment, Model
 from libs.errors import ShepherdError
 from libs.retry import RetryPolicy
+from libs.telemetry import tracer
 from services.scheduler.batcher import Slot, WaiterKey
 from services.scheduler.events import Delta, Event, Final
 from services.scheduler.hosted import HostedBackend
@@ -50,7 +51,6 @@ from services.scheduler.queue import PendingRequest, expired
 from services.scheduler.stats import ModelStats
 from services.scheduler.triton import NodeUnavailable, TritonBackend
 
-_tracer = trace.get_tracer(__name__)
 # A batch whose node cannot take it is retried once, at once, on another node (the node's
 # breaker hears of the failure); the same policy object as hosted and billing retries.
 _NODE_RETRY = RetryPolicy(attempts=2, base_s=0.0, max_s=0.0)
@@ -129,7 +129,9 @@ class Dispatcher:
     ) -> None:
         parent = trace.set_span_in_context(NonRecordingSpan(batch[0].span_context))
         links = [Link(item.span_context) for item in batch]
-        with _tracer.start_as_current_span("scheduler.batch", context=parent, links=links) as span:
+        with tracer(__name__).start_as_current_span(
+            "scheduler.batch", context=parent, links=links
+        ) as span:
             span.set_attribute("shepherd.model", model.name)
             span.set_attribute("shepherd.batch.size", len(batch))
             failures = [error.message] if error is not None else []
@@ -170,7 +172,7 @@ class Dispatcher:
     async def spill(self, model: Model, item: PendingRequest, reason: str) -> None:
         """Send one request straight to the hosted deployments (admission chose spill-over)."""
         self._stats[model.name].outcome("spilled_over")
-        with _tracer.start_as_current_span("scheduler.spill_over") as span:
+        with tracer(__name__).start_as_current_span("scheduler.spill_over") as span:
             span.set_attribute("shepherd.model", model.name)
             span.set_attribute("shepherd.spill_over.reason", reason)
             failures: list[str] = []
@@ -228,7 +230,10 @@ class Dispatcher:
             except NodeUnavailable as error:
                 lease.release(failure=error.message)
                 failures.append(error.message)
-                span.add_event("node.unavailable", {"node": lease.address, "attempt": attempt})
+                span.add_event(
+                    "node.unavailable",
+                    {"node": lease.address, "attempt": attempt, "message": error.message},
+                )
                 delay = _NODE_RETRY.next_delay(
                     attempt, deadline=max(item.deadline for item in live)
                 )
@@ -250,6 +255,7 @@ class Dispatcher:
                 continue
             except ShepherdError as error:
                 lease.release(latency_s=None)
+                span.set_status(trace.StatusCode.ERROR, error.message)
                 for item in live:
                     item.settle(error)
                 return []

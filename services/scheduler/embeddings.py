@@ -16,17 +16,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as triton
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
 from shepherd.common.v1 import common_pb2
 from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment
 from libs.errors import ShepherdError
+from libs.telemetry import sampled_trace_headers
 from services.scheduler.queue import PendingRequest
 from services.scheduler.triton import EMBEDDING, _node_error, _placement
 
-_tracer = trace.get_tracer(__name__)
 TOKENS = "TOKENS"
 
 
@@ -44,33 +43,30 @@ async def embed(
 ) -> list[common_pb2.Completion | ShepherdError]:
     """Encode the batch's inputs in one inference; one Completion (one vector) per row.
 
-    Fails like triton.infer: NodeUnavailable when the node cannot take the batch (worth one
-    retry elsewhere), DEADLINE_EXCEEDED when it did not answer in time, INTERNAL otherwise.
+    Fails like a chat model's call (triton.infer): NodeUnavailable when the node cannot take
+    the batch (worth one retry elsewhere), DEADLINE_EXCEEDED when it did not answer in time,
+    INTERNAL otherwise.
     """
     texts = np.array([[embedding_input(item).encode()] for item in batch], dtype=np.object_)
     tensor = triton.InferInput("TEXT", [len(batch), 1], "BYTES")
     tensor.set_data_from_numpy(texts)
-    with _tracer.start_as_current_span("triton.infer", kind=SpanKind.CLIENT) as span:
-        span.set_attribute("shepherd.triton.node", address)
-        span.set_attribute("shepherd.triton.model", deployment.backend_model)
-        span.set_attribute("shepherd.batch.size", len(batch))
-        span.set_attribute("shepherd.triton.task", "embedding")
-        headers: dict[str, str] = {}
-        propagate.inject(headers)
-        try:
-            result = await client.infer(
-                deployment.backend_model,
-                [tensor],
-                outputs=[triton.InferRequestedOutput(name) for name in (EMBEDDING, TOKENS)],
-                client_timeout=max(0.001, timeout_s),
-                headers=headers,
-            )
-        except InferenceServerException as error:
-            message = (
-                f"Triton node {address} failed model {deployment.backend_model}: {error.message()}"
-            )
-            span.set_status(trace.StatusCode.ERROR, message)
-            raise _node_error(error.status(), address, message) from error
+    # The batch's span is the call's, as for chat models (services/scheduler/triton.py).
+    span = trace.get_current_span()
+    span.set_attribute("shepherd.triton.model", deployment.backend_model)
+    span.set_attribute("shepherd.triton.task", "embedding")
+    try:
+        result = await client.infer(
+            deployment.backend_model,
+            [tensor],
+            outputs=[triton.InferRequestedOutput(name) for name in (EMBEDDING, TOKENS)],
+            client_timeout=max(0.001, timeout_s),
+            headers=sampled_trace_headers(),
+        )
+    except InferenceServerException as error:
+        message = (
+            f"Triton node {address} failed model {deployment.backend_model}: {error.message()}"
+        )
+        raise _node_error(error.status(), address, message) from error
     vectors = result.as_numpy(EMBEDDING).reshape(len(batch), -1)
     tokens = result.as_numpy(TOKENS).reshape(-1)
     placement = _placement(address, deployment, len(batch))

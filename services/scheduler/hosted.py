@@ -81,6 +81,7 @@ from libs import genai
 from libs.catalog import Deployment
 from libs.errors import ShepherdError, retry_info
 from libs.retry import RetryPolicy
+from libs.telemetry import tracer
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from services.scheduler.events import Delta, Event, Failed, Final, usage
 from services.scheduler.queue import PendingRequest
@@ -89,7 +90,6 @@ API_KEY_ENV = "SHEPHERD_HOSTED_API_KEY"
 Transport = Literal["aiohttp", "httpx"]
 
 _log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 
 # The token counting rule (module docstring); the provider simulator counts the same way.
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -390,7 +390,7 @@ class HostedClient:
         # Captured before our span so that, if no SDK TracerProvider is installed (our span is
         # then invalid), the caller's incoming trace context is still forwarded upstream.
         parent_ctx = otel_context.get_current()
-        with _tracer.start_as_current_span("hosted.chat", kind=SpanKind.CLIENT) as span:
+        with tracer(__name__).start_as_current_span("hosted.chat", kind=SpanKind.CLIENT) as span:
             span.set_attribute(genai.OPERATION_NAME, genai.OPERATION_CHAT)
             span.set_attribute(genai.PROVIDER_NAME, config.provider)
             span.set_attribute(genai.REQUEST_MODEL, upstream_model)

@@ -18,9 +18,15 @@ Two kinds of model honour that contract, and `TritonBackend` serves both as even
 
 A chat model may also answer DOC_IDS [batch, k] (bytes): the documents a retrieval-augmented
 model (the rag_tiny ensemble) answered from, returned as Completion.document_ids. An ensemble
-(`platform: "ensemble"`) is one call like any model; its span names its steps. A model whose
-outputs include EMBEDDING follows the embedding contract instead (services/scheduler/
+(`platform: "ensemble"`) is one call like any model; the batch's span names its steps. A model
+whose outputs include EMBEDDING follows the embedding contract instead (services/scheduler/
 embeddings.py).
+
+A call to Triton has no span of its own: the batch's span (dispatch.py) carries the node and
+the model, and its trace context goes to Triton with every sampled call, so Triton's own spans
+(the request, the model, its compute) hang under the batch span. A client span per call would
+repeat the batch span's node, model and timing, at a span's CPU cost per batch
+(bench/telemetry.py).
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from shepherd.common.v1 import common_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -55,7 +60,6 @@ if TYPE_CHECKING:
     from services.scheduler.poolusage import PoolUsage
 
 _log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 
 # Failures that say "this node cannot serve now", worth trying another node for. A deadline
 # is not among them: the node may have run the batch, and a retry could not finish in time.
@@ -149,28 +153,25 @@ async def infer(
     Raises NodeUnavailable when the node is unreachable or refuses (worth one retry on another
     node), DEADLINE_EXCEEDED when it did not answer in time, INTERNAL for anything else.
     """
-    with _tracer.start_as_current_span("triton.infer", kind=SpanKind.CLIENT) as span:
-        span.set_attribute("shepherd.triton.node", address)
-        span.set_attribute("shepherd.triton.model", deployment.backend_model)
-        span.set_attribute("shepherd.batch.size", len(batch))
-        if steps:
-            span.set_attribute("shepherd.triton.ensemble_steps", list(steps))
-        headers = sampled_trace_headers()
-        try:
-            result = await client.infer(
-                deployment.backend_model,
-                _inputs(batch),
-                outputs=[triton.InferRequestedOutput(name) for name in outputs],
-                client_timeout=max(0.001, timeout_s),
-                headers=headers,
-            )
-        except InferenceServerException as error:
-            status = error.status()
-            message = (
-                f"Triton node {address} failed model {deployment.backend_model}: {error.message()}"
-            )
-            span.set_status(trace.StatusCode.ERROR, message)
-            raise _node_error(status, address, message) from error
+    # The batch's span is the call's: Triton's own spans hang under it (see the module).
+    span = trace.get_current_span()
+    span.set_attribute("shepherd.triton.model", deployment.backend_model)
+    if steps:
+        span.set_attribute("shepherd.triton.ensemble_steps", list(steps))
+    try:
+        result = await client.infer(
+            deployment.backend_model,
+            _inputs(batch),
+            outputs=[triton.InferRequestedOutput(name) for name in outputs],
+            client_timeout=max(0.001, timeout_s),
+            headers=sampled_trace_headers(),
+        )
+    except InferenceServerException as error:
+        status = error.status()
+        message = (
+            f"Triton node {address} failed model {deployment.backend_model}: {error.message()}"
+        )
+        raise _node_error(status, address, message) from error
     texts = result.as_numpy("TEXT").reshape(-1)
     prompt_tokens = result.as_numpy("PROMPT_TOKENS").reshape(-1)
     completion_tokens = result.as_numpy("COMPLETION_TOKENS").reshape(-1)
@@ -444,18 +445,11 @@ class TritonBackend:
         """
         deployment = lease.deployment
         address = lease.address
-        span = _tracer.start_span(
-            "triton.stream",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "shepherd.triton.node": address,
-                "shepherd.triton.model": deployment.backend_model,
-                "shepherd.batch.size": len(batch),
-            },
-        )
-        # Not made current: this generator is suspended at every yield, and a context
-        # attached here would leak into the consumer's code between events.
-        headers = sampled_trace_headers(trace.set_span_in_context(span))
+        # The batch's span (current where the dispatcher first asks for an event) is the
+        # call's: Triton's own spans hang under it (see the module).
+        span = trace.get_current_span()
+        span.set_attribute("shepherd.triton.model", deployment.backend_model)
+        headers = sampled_trace_headers()
         request = {
             "model_name": deployment.backend_model,
             "inputs": _inputs(batch),
@@ -521,7 +515,6 @@ class TritonBackend:
         finally:
             # Stops the model's decoding when rows remain (a no-op once the stream ended).
             responses.cancel()
-            span.end()
             if ran or yielded:
                 self._end(meter, lease, metered)
             else:

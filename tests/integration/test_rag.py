@@ -204,9 +204,10 @@ def test_the_rag_trace_shows_the_ensemble_call_and_its_steps(
         timeout=TIMEOUT_S,
     )
     spans = otlp.wait_for_trace(
-        answer.trace_id, {"shepherd-router", "shepherd-scheduler"}, {"triton.infer"}
+        answer.trace_id, {"shepherd-router", "shepherd-scheduler"}, {"scheduler.batch"}
     )
-    [call] = [s for s in spans if s.name == "triton.infer"]
+    # The batch's span is its call to the node.
+    [call] = [s for s in spans if s.name == "scheduler.batch"]
     assert call.attribute("shepherd.triton.model") == "rag_tiny"
     assert call.attribute("shepherd.triton.ensemble_steps") == STEPS
 
