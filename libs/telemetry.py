@@ -23,6 +23,7 @@ import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import grpc
 from opentelemetry import metrics, propagate, trace
@@ -171,16 +172,22 @@ def server_span(
         for key, value in metadata or ()
         if isinstance(value, str) and len(value) <= MAX_TRACE_HEADER
     }
-    service, _, name = method[1:].rpartition("/")
     with tracer("shepherd.grpc").start_as_current_span(
         method,
         context=propagate.extract(carrier),
         kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        attributes=_rpc_attributes(method),
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
         yield span
+
+
+@functools.cache
+def _rpc_attributes(method: str) -> Mapping[str, str]:
+    """A server span's RPC attributes, built once per method (the SDK copies them)."""
+    service, _, name = method[1:].rpartition("/")
+    return MappingProxyType({"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
 
 
 @contextmanager
