@@ -48,6 +48,9 @@ LOAD = scheduler_pb2.PLACEMENT_ACTION_LOAD
 UNLOAD = scheduler_pb2.PLACEMENT_ACTION_UNLOAD
 LOAD_FAILED = scheduler_pb2.PLACEMENT_ACTION_LOAD_FAILED
 STEP_MEMORY = {"rag_query": 10, "embed_tiny": 100, "vector_search": 100, "rag_prompt": 10}
+# tiny_long decodes this slowly per token, so a 256-token answer is still running when beta
+# asks for its room, even on a fast machine.
+LONG_STEP_MS = 2
 
 
 def repository(root: Path, *, without: str = "") -> Path:
@@ -58,7 +61,9 @@ def repository(root: Path, *, without: str = "") -> Path:
     for shipped in DEFAULT_MODEL_REPOSITORY.iterdir():
         if shipped.is_dir() and shipped.name != without:
             (root / shipped.name).symlink_to(shipped, target_is_directory=True)
-    copy_model(root, "tiny_long", TINY_LM, {"ignore_eos": "true"})
+    copy_model(
+        root, "tiny_long", TINY_LM, {"ignore_eos": "true", "step_delay_ms": str(LONG_STEP_MS)}
+    )
     copy_model(root, "tiny_b", TINY_LM, {"ignore_eos": "true"})
     copy_model(root, "tiny_slow", TINY_LM_STREAM, {"ignore_eos": "true", "step_delay_ms": "100"})
     copy_ensemble(root, "rag_long", "tiny_long")
@@ -165,6 +170,7 @@ async def test_an_ensemble_loads_with_its_steps_and_none_is_evicted_while_it_run
             assert all(r == "a step of ensemble rag_long" for _, _, r in loads[1:])
 
             # A long answer runs on the ensemble; beta needs the room its steps hold.
+            rag_sent_ms = time.time() * 1000
             long_rag = asyncio.ensure_future(
                 scheduler_stub.Infer(rag_request("r-long", "rivers", max_tokens=256), timeout=60)
             )
@@ -178,7 +184,6 @@ async def test_an_ensemble_loads_with_its_steps_and_none_is_evicted_while_it_run
                 scheduler_stub.Infer(infer_request("beta", request_id="b0"), timeout=60)
             )
             rag_reply = await long_rag
-            rag_done_ms = time.time() * 1000
             assert rag_reply.completion.usage.completion_tokens == 256, "the ensemble kept running"
             assert (await beta).completion.placement.backend_model == "tiny_b"
             stats = await scheduler_stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
@@ -187,7 +192,10 @@ async def test_an_ensemble_loads_with_its_steps_and_none_is_evicted_while_it_run
     unloads = [e for e in stats.placement_events if e.action == UNLOAD]
     assert unloads, "beta's load made room"
     assert unloads[0].backend_model == "rag_long", "the ensemble goes before any of its steps"
-    assert all(e.unix_ms >= rag_done_ms - 50 for e in unloads), "nothing unloaded while it ran"
+    # 256 decoding steps of LONG_STEP_MS each: the long answer cannot have finished before
+    # (the scheduler's clock; when this test read the reply says nothing on a busy machine).
+    rag_done_at_least_ms = rag_sent_ms + 256 * LONG_STEP_MS
+    assert all(e.unix_ms >= rag_done_at_least_ms for e in unloads), "nothing unloaded while it ran"
     assert "tiny_b" in loaded_on(node) and "rag_long" not in loaded_on(node)
     assert set(stats.nodes[0].loaded_models) == loaded_on(node)
 
