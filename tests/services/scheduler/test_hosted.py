@@ -321,7 +321,7 @@ async def test_a_retry_after_past_the_deadline_fails_at_once(sim: SimProcess) ->
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.retry_after_s == pytest.approx(3.0)
     assert "deadline" in info.value.message
-    assert elapsed < 0.5
+    assert elapsed < 2.0, "it waited for the retry-after (3 s) it could not use"
     assert stats(sim)["requests_received"] == 1
 
 
@@ -357,7 +357,7 @@ async def test_slow_provider_first_byte_timeout_and_deadline() -> None:
     assert "no byte within 0.200s" in unavailable.value.message
     assert 0.4 <= elapsed_retry < 1.5
     assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert elapsed_deadline < 1.0
+    assert elapsed_deadline < 1.8, "the deadline (0.3 s), not the reply (2 s), ended the call"
     assert received == 4, "two attempts each: the second call's deadline cut its retry short"
 
 
@@ -533,7 +533,7 @@ async def test_the_breaker_opens_after_n_failures_fails_fast_then_probes(
         probe = await chat(client)  # the cool-down is over: one probe, and it works
     finally:
         await backend.close()
-    assert fast_s < 0.2
+    assert fast_s < 1.0, "an open circuit fails at once, without waiting for anybody"
     for row in (0, 1):
         # Failed and nothing before it: the dispatcher may fall back to another deployment.
         (failed,) = events[row]
