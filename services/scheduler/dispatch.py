@@ -336,10 +336,14 @@ class Dispatcher:
                     first = item.events.first_delta_at is None
                     item.events.delta(event, now)
                     if first and item.events.first_delta_at is not None:
-                        # Into the metrics only: the trace has each request's time to first
-                        # token on its chat span (the router's shepherd.ttft_ms), and an event
-                        # per request on the shared batch span cost a span's worth of CPU.
                         stats.first_token(now - item.enqueued_at)
+                        span.add_event(
+                            "first_token",
+                            {
+                                "shepherd.request_id": item.request_id,
+                                "shepherd.ttft_ms": (now - item.enqueued_at) * 1000,
+                            },
+                        )
                     continue
                 ended[row] = True
                 if isinstance(event, Final):
