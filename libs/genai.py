@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from opentelemetry import metrics
 from shepherd.common.v1 import common_pb2
 
 from libs.catalog import Deployment
@@ -108,6 +109,14 @@ FINISH_REASONS: Mapping[int, str] = {
     common_pb2.FINISH_REASON_ERROR: "error",
     common_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
 }
+
+
+def histogram(meter: metrics.Meter, name: str) -> metrics.Histogram:
+    """The conventions' histogram `name` on `meter`, with its unit, description and buckets."""
+    unit, description, buckets = METRICS[name]
+    return meter.create_histogram(
+        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+    )
 
 
 def provider_of(placement: common_pb2.Placement, providers: Mapping[str, str]) -> str:

@@ -39,15 +39,8 @@ _access = logging.getLogger("shepherd.access")
 _meter = metrics.get_meter("shepherd.router", schema_url=genai.SCHEMA_URL)
 
 
-def _histogram(name: str) -> metrics.Histogram:
-    unit, description, buckets = genai.METRICS[name]
-    return _meter.create_histogram(
-        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
-    )
-
-
-_duration = _histogram(genai.CLIENT_OPERATION_DURATION)
-_tokens = _histogram(genai.CLIENT_TOKEN_USAGE)
+_duration = genai.histogram(_meter, genai.CLIENT_OPERATION_DURATION)
+_tokens = genai.histogram(_meter, genai.CLIENT_TOKEN_USAGE)
 # The requested model on the span, cut to this length (it is the caller's string).
 _MAX_MODEL_CHARS = 128
 _OTHER = "_OTHER"  # error.type's and an unknown model's fallback value, as the conventions say

@@ -48,16 +48,9 @@ _batch_fill = _meter.create_histogram(
 )
 
 
-def _genai_histogram(name: str) -> metrics.Histogram:
-    unit, description, buckets = genai.METRICS[name]
-    return _genai_meter.create_histogram(
-        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
-    )
-
-
-_request_duration = _genai_histogram(genai.SERVER_REQUEST_DURATION)
-_ttft = _genai_histogram(genai.SERVER_TIME_TO_FIRST_TOKEN)
-_tpot = _genai_histogram(genai.SERVER_TIME_PER_OUTPUT_TOKEN)
+_request_duration = genai.histogram(_genai_meter, genai.SERVER_REQUEST_DURATION)
+_ttft = genai.histogram(_genai_meter, genai.SERVER_TIME_TO_FIRST_TOKEN)
+_tpot = genai.histogram(_genai_meter, genai.SERVER_TIME_PER_OUTPUT_TOKEN)
 _placement = _meter.create_counter(
     "shepherd.scheduler.placement.events", unit="{event}", description="Model loads and unloads."
 )

@@ -19,23 +19,13 @@ from shepherd.router.v1 import router_pb2, router_pb2_grpc
 
 from deploy.local.launcher import LocalMesh
 from deploy.local.otlp import Span
+from tests.integration.test_mesh import auth
+from tests.integration.test_mesh import chat_request as chat
 from tests.support.dashboard import load_dashboard, metric_names, queries, scrape, total
 from tests.support.otlp_receiver import OtlpReceiver
 
 TIMEOUT_S = 30.0
 CHAT = "/shepherd.router.v1.RouterService/Chat"
-
-
-def chat(model: str, text: str, **params: object) -> router_pb2.ChatRequest:
-    return router_pb2.ChatRequest(
-        model=model,
-        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)],
-        params=common_pb2.GenerationParams(**params),  # type: ignore[arg-type]
-    )
-
-
-def auth(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
 
 
 def metrics_url(mesh: LocalMesh, service: str) -> str:
