@@ -480,6 +480,7 @@ async def test_stats_and_metrics_show_batches_queue_and_nodes(
     node: TritonNode, launch: Launch, channel_to: Callable[..., Any]
 ) -> None:
     otlp = OtlpReceiver().start()
+    scheduler: SchedulerProcess | None = None
     try:
         scheduler = launch(
             one_node_catalog(
@@ -530,6 +531,10 @@ async def test_stats_and_metrics_show_batches_queue_and_nodes(
         }
         assert "completed" in outcomes and "admitted" in outcomes
     finally:
+        # The scheduler first: stopped after the receiver, its last export retries against a
+        # closed port for seconds before it gives up.
+        if scheduler is not None:
+            scheduler.stop()
         otlp.stop()
 
 

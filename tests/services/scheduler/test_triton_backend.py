@@ -53,7 +53,9 @@ def _deployment(model: str) -> Deployment:
 
 def _node_stopped(node: TritonNode) -> None:
     pgid = node.pgid
-    node.stop()
+    # A few seconds' grace, then the group is killed: the cancellation tests leave slow
+    # executions behind, and Triton would wait them out (its exit timeout, and more).
+    node.stop(timeout_s=3.0)
     assert pgid is not None and process_group_members(pgid) == []
 
 
