@@ -464,10 +464,10 @@ def test_sigterm_finishes_http_requests_in_flight_and_refuses_new_ones(
     replica = mesh.add_router({"SHEPHERD_SHUTDOWN_GRACE_S": "60"})
     base = f"http://{replica.http_address}/v1"
     headers = {"authorization": f"Bearer {key}"}
-    # The hosted simulator waits a second before each token: the stream below (12 tokens or
-    # more) lasts long after SIGTERM.
+    # The hosted simulator waits 400 ms before each token: the stream below (12 tokens or
+    # more, about 5 s) lasts long after SIGTERM and the checks that follow it.
     httpx.post(
-        f"{mesh.sim.root_url}/_sim/config", json={"stream_interval_ms": 1000}
+        f"{mesh.sim.root_url}/_sim/config", json={"stream_interval_ms": 400}
     ).raise_for_status()
     first_chunk = threading.Event()
     frames: list[bytes] = []
