@@ -77,6 +77,8 @@ class SchedulerDirectory:
         self._channels: dict[str, tuple[str, PeerChannel, scheduler_pb2_grpc.SchedulerServiceStub]]
         self._channels = {}
         self._suspects: dict[str, float] = {}
+        # model -> owner over all members, computed once per membership change.
+        self._owners: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -128,6 +130,7 @@ class SchedulerDirectory:
                 )
         _log.info("scheduler members", extra={"members": sorted(members)})
         self._members = members
+        self._owners = {}
 
     def _suspected(self) -> set[str]:
         now = time.monotonic()
@@ -141,6 +144,12 @@ class SchedulerDirectory:
         if not self._members:
             return "", self._fallback_stub, ()
         suspects = self._suspected() if self._suspects else set()
+        if not suspects:
+            owner = self._owners.get(model)
+            if owner is None:
+                owner = self._owners[model] = owner_of(model, self._channels) or ""
+            if owner:
+                return owner, self._channels[owner][2], ()
         owner = owner_of(model, (m for m in self._channels if m not in suspects))
         if owner is None:
             owner = owner_of(model, self._channels)

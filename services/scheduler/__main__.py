@@ -144,12 +144,12 @@ async def serve() -> None:
             await batcher.close()
         for placer in placers:
             await placer.close()
+        for pool in pools.values():
+            await pool.close()
         if cluster is not None and leader is not None and redis_client is not None:
             await leader.close()
             await cluster.close()  # leave: the models and leases move at once
             await redis_client.aclose()
-        for pool in pools.values():
-            await pool.close()
         await dispatcher.close()
         if reporting is not None and usage is not None and billing is not None:
             reporting.cancel()

@@ -250,6 +250,7 @@ class Cluster:
         self.leaders: dict[str, str] = {}
         self.owners: dict[str, str] = {}
         self._renewed_at = -float("inf")
+        self._read_at = -float("inf")
         self._seq = itertools.count()
         self._leading = True  # false while shutting down: give the leases away
         self._task: asyncio.Task[None] | None = None
@@ -326,7 +327,12 @@ class Cluster:
             )
 
     async def refresh(self) -> None:
-        """Read the members now (the rare path: a request this replica thinks it does not own)."""
+        """Read the members now (the rare path: a request this replica thinks it does not own),
+        at most every 0.1 s however many such requests arrive."""
+        now = time.monotonic()
+        if now - self._read_at < 0.1:
+            return
+        self._read_at = now
         self._learn(await self._reader.read())
 
     @property

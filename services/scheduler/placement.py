@@ -93,8 +93,10 @@ class Placer:
         self._config = config
         self._cluster = cluster
         self._leader = leader
-        # Scale-out, not leading: the models this replica is asking the leader for now.
+        # Scale-out, not leading: the models this replica is asking the leader for now, and
+        # the leader's reason why a model cannot be loaded (until the back-off ends).
         self._asking: set[str] = set()
+        self._leader_refusals: dict[str, tuple[str, float]] = {}
         self.events: deque[PlacementEvent] = deque(maxlen=config.max_events)
         self._backoff: dict[tuple[str, str], float] = {}
         # Why a node refused to load a model (it answered, and said no), until the back-off.
@@ -172,6 +174,11 @@ class Placer:
                 "placement leader could not place the model now",
                 extra={"model": name, "pool": pool.pool.name, "reason": error.message},
             )
+            if error.code == grpc.StatusCode.UNAVAILABLE and " cannot load " in error.message:
+                self._leader_refusals[name] = (
+                    error.message,
+                    time.monotonic() + self._config.failed_load_backoff_s,
+                )
             await asyncio.sleep(0.1)  # the next pump asks again
             nodes = []
         finally:
@@ -222,6 +229,9 @@ class Placer:
         if not nodes or any(name in n.models for n in nodes):
             return ""
         now = time.monotonic()
+        if self._cluster is not None and not self._cluster.leads(pool.pool.name):
+            reason, until = self._leader_refusals.get(name, ("", 0.0))
+            return reason if until > now else ""
         reasons = []
         for node in nodes:
             refusal = self._refusals.get((node.address, name))

@@ -17,6 +17,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,21 @@ class SchedulerCluster:
         }
         self.replicas: list[SchedulerProcess] = []
 
-    def add(self) -> SchedulerProcess:
-        n = len(self.replicas)
-        process = SchedulerProcess(
-            self._run_dir / f"scheduler-{n}",
-            self._catalog,
-            {**self._env, "SHEPHERD_SCHEDULER_REPLICA_ID": f"replica-{n}"},
-        )
-        self.replicas.append(process.start())
-        return process
+    def add(self, count: int = 1) -> list[SchedulerProcess]:
+        """Start `count` more replicas (at once), ids replica-<n> in order."""
+        first = len(self.replicas)
+        made = [
+            SchedulerProcess(
+                self._run_dir / f"scheduler-{n}",
+                self._catalog,
+                {**self._env, "SHEPHERD_SCHEDULER_REPLICA_ID": f"replica-{n}"},
+            )
+            for n in range(first, first + count)
+        ]
+        self.replicas.extend(made)  # stopped by stop() even if one fails to start
+        with ThreadPoolExecutor(count) as pool:
+            list(pool.map(SchedulerProcess.start, made))
+        return made
 
     def by_id(self, replica_id: str) -> SchedulerProcess:
         return self.replicas[int(replica_id.rsplit("-", 1)[1])]
