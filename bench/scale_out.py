@@ -44,7 +44,7 @@ from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from bench.batching import machine, percentile, run_main, write_report
+from bench.batching import machine, percentile, process_cpu_s, run_main, write_report
 from deploy.local.launcher import LocalMesh, MeshConfig
 from deploy.local.ports import free_port
 from deploy.local.valkey import ValkeyConfig, ValkeyServer
@@ -131,9 +131,13 @@ async def closed_loop(
                     continue
                 latencies.append(time.perf_counter() - started)
 
+        schedulers = [mesh.services["scheduler"].pid, *(r.process.pid for r in mesh.schedulers)]
+        router = [mesh.services["router"].pid]
+        cpu_before = process_cpu_s(schedulers), process_cpu_s(router)
         began = time.monotonic()
         await asyncio.gather(*(worker(n) for n in range(concurrency)))
         elapsed = time.monotonic() - began
+        cpu_after = process_cpu_s(schedulers), process_cpu_s(router)
     for replica in [mesh.address("scheduler"), *(r.address for r in mesh.schedulers)]:
         credentials = Credentials(internal_tokens=(mesh.config.internal_token,), admin_keys=())
         async with open_channel(replica, credentials) as channel:
@@ -151,43 +155,76 @@ async def closed_loop(
         "requests_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round((percentile(ordered, 0.5) or 0) * 1000, 2),
         "p99_ms": round((percentile(ordered, 0.99) or 0) * 1000, 2),
+        # CPU per answered request, all scheduler replicas together, and the router: what the
+        # scale-out machinery costs, which a busy machine's throughput cannot show.
+        "scheduler_cpu_ms_per_request": round(
+            (cpu_after[0] - cpu_before[0]) / max(1, len(latencies)) * 1000, 3
+        ),
+        "router_cpu_ms_per_request": round(
+            (cpu_after[1] - cpu_before[1]) / max(1, len(latencies)) * 1000, 3
+        ),
         "completed_per_replica_cumulative": dict(served),
     }
 
 
+def bench_mesh(run_dir: Path, catalog: Path, cluster: str) -> LocalMesh:
+    env = {
+        "SHEPHERD_CATALOG": str(catalog),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    if cluster:
+        env["SHEPHERD_SCHEDULER_CLUSTER"] = cluster
+    return LocalMesh(MeshConfig.ephemeral(run_dir, extra_env=env))
+
+
 async def measured(args: argparse.Namespace, run_dir: Path) -> list[dict[str, Any]]:
+    """First one scheduler with scale-out off (the default), then the cluster of 1, 2, 3."""
     catalog = bench_catalog(run_dir / "catalog.yaml", args.models)
-    mesh = LocalMesh(
-        MeshConfig.ephemeral(
-            run_dir / "mesh",
-            extra_env={
-                "SHEPHERD_CATALOG": str(catalog),
-                "SHEPHERD_SCHEDULER_CLUSTER": "bench",
-                "OTEL_EXPORTER_OTLP_ENDPOINT": "",
-                "OTEL_SDK_DISABLED": "true",
-            },
-        )
-    )
-    print("starting the mesh...", flush=True)
-    mesh.start(timeout_s=240)
+    models = [f"echo-{n}" for n in range(args.models)]
     rows = []
+    print("starting the mesh, scale-out off...", flush=True)
+    mesh = bench_mesh(run_dir / "single", catalog, "")
+    await asyncio.to_thread(mesh.start, 240)
     try:
         api_key = await issue_key_at(mesh.redis_url, TENANT)
-        models = [f"echo-{n}" for n in range(args.models)]
+        await closed_loop(mesh, api_key, models, 4, 1.0, "warm")
+        row = await closed_loop(mesh, api_key, models, args.concurrency, args.seconds, "off")
+        row = {"replicas": 1, "scale_out": False, **row}
+        print(
+            f"1 replica, scale-out off: {row['requests_per_s']} req/s, p50 {row['p50_ms']} ms,"
+            f" p99 {row['p99_ms']} ms, errors {row['errors'] or 0}, scheduler CPU"
+            f" {row['scheduler_cpu_ms_per_request']} ms/request",
+            flush=True,
+        )
+        rows.append(row)
+    finally:
+        await asyncio.to_thread(mesh.stop)
+    print("starting the mesh, scale-out on...", flush=True)
+    mesh = bench_mesh(run_dir / "cluster", catalog, "bench")
+    await asyncio.to_thread(mesh.start, 240)
+    try:
+        api_key = await issue_key_at(mesh.redis_url, TENANT)
         await closed_loop(mesh, api_key, models, 4, 1.0, "warm")
         for replicas in range(1, args.replicas + 1):
             if replicas > 1:
-                mesh.add_scheduler()
+                await asyncio.to_thread(mesh.add_scheduler)
                 await wait_members(mesh, replicas)
             view = await assignments(mesh, mesh.address("scheduler"))
             owners = Counter(a.replica_id for a in view.models if a.model in models)
             row = await closed_loop(
                 mesh, api_key, models, args.concurrency, args.seconds, f"r{replicas}"
             )
-            row = {"replicas": replicas, "models_per_replica": dict(owners), **row}
+            row = {
+                "replicas": replicas,
+                "scale_out": True,
+                "models_per_replica": dict(owners),
+                **row,
+            }
             print(
                 f"{replicas} replica(s): {row['requests_per_s']} req/s, p50 {row['p50_ms']} ms,"
-                f" p99 {row['p99_ms']} ms, errors {row['errors'] or 0}, owners {dict(owners)}",
+                f" p99 {row['p99_ms']} ms, errors {row['errors'] or 0}, owners {dict(owners)},"
+                f" scheduler CPU {row['scheduler_cpu_ms_per_request']} ms/request",
                 flush=True,
             )
             if row["error_rate"] > MAX_ERROR_RATE:
@@ -195,7 +232,7 @@ async def measured(args: argparse.Namespace, run_dir: Path) -> list[dict[str, An
             rows.append(row)
         return rows
     finally:
-        mesh.stop()
+        await asyncio.to_thread(mesh.stop)
 
 
 def modulo_owner(model: str, members: list[str]) -> str:
@@ -316,7 +353,7 @@ async def redis_costs(redis_url: str, seconds: float) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--models", type=int, default=6)
+    parser.add_argument("--models", type=int, default=12)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()

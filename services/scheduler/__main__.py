@@ -172,10 +172,14 @@ async def serve() -> None:
         ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )
-    # Operators read GetStats with an admin key; only the router may queue inference.
+    # Operators read GetStats and GetAssignments with an admin key; only the router may queue
+    # inference, and only the replicas ask each other to load (EnsureLoaded).
     access = AccessPolicy(
         config.credentials,
-        {"/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN},
+        {
+            "/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN,
+            "/shepherd.scheduler.v1.SchedulerService/GetAssignments": Access.INTERNAL_OR_ADMIN,
+        },
     )
     await run_server(
         config.server,

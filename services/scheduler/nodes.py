@@ -496,6 +496,7 @@ class NodePool:
         node = lease.node
         holder = self.cluster.holder_id()
         models = [entry.name for entry in lease.used]
+        retry_s = self.cluster.config.full_retry_s
         try:
             verdict, model = await self.cluster.acquire_slot(
                 self.pool.name, node.address, node.cap, holder, models
@@ -504,7 +505,7 @@ class NodePool:
             _log.warning(
                 "shared node slot unavailable", extra={"node": node.address, "error": str(error)}
             )
-            verdict, model = 0, ""
+            verdict, model, retry_s = 0, "", 0.25
         if verdict == 1:
             lease.holder = holder
             if waiter.future.done():
@@ -521,8 +522,8 @@ class NodePool:
             if copy is not None and copy.state is ModelState.READY and copy.inflight == 0:
                 del node.models[model]
         else:
-            node.shared_full_until = now + self.cluster.config.full_retry_s
-            asyncio.get_running_loop().call_later(self.cluster.config.full_retry_s, self.pump)
+            node.shared_full_until = now + retry_s
+            asyncio.get_running_loop().call_later(retry_s, self.pump)
         if not waiter.future.done():
             self._waiters.append(waiter)
         self.pump()
