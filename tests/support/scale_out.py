@@ -17,7 +17,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ class SchedulerCluster:
         self.replicas: list[SchedulerProcess] = []
 
     def add(self, count: int = 1) -> list[SchedulerProcess]:
-        """Start `count` more replicas (at once), ids replica-<n> in order."""
+        """Start `count` more replicas, ids replica-<n> in order."""
         first = len(self.replicas)
         made = [
             SchedulerProcess(
@@ -73,8 +72,10 @@ class SchedulerCluster:
             for n in range(first, first + count)
         ]
         self.replicas.extend(made)  # stopped by stop() even if one fails to start
-        with ThreadPoolExecutor(count) as pool:
-            list(pool.map(SchedulerProcess.start, made))
+        # One after another, from this thread: a process is spawned to die with the thread
+        # that spawned it (deploy/local/processes.py), so a worker thread must not start one.
+        for process in made:
+            process.start()
         return made
 
     def by_id(self, replica_id: str) -> SchedulerProcess:
