@@ -23,7 +23,10 @@ from shepherd.scheduler.v1 import scheduler_pb2
 
 from deploy.local.triton import TritonNode
 from deploy.local.valkey import ValkeyServer
+from libs.config import ServerConfig
 from services.router.schedulers import SchedulerDirectory
+from services.scheduler.cluster import ClusterConfig
+from services.scheduler.config import cluster_config
 from tests.support.scale_out import (
     Routing,
     SchedulerCluster,
@@ -289,3 +292,20 @@ async def batch_mean(scale: SchedulerCluster, directory: SchedulerDirectory, tag
     await closed_loop(directory, ["batchy"], 6, tag)
     rows1, batches1 = await counts()
     return (rows1 - rows0) / max(1, batches1 - batches0)
+
+
+def test_scale_out_is_off_unless_a_cluster_is_named_and_advertises_a_dialable_address() -> None:
+    """`make run` and every single-replica test: no cluster, so no Redis in the scheduler."""
+
+    def cluster(env: dict[str, str]) -> ClusterConfig:
+        return cluster_config(ServerConfig.from_env("scheduler", env), env)
+
+    assert not cluster({}).enabled
+    on = cluster({"SHEPHERD_SCHEDULER_CLUSTER": "prod", "SHEPHERD_SCHEDULER_PORT": "50999"})
+    assert on.enabled and on.name == "prod"
+    assert on.advertise == "127.0.0.1:50999"
+    assert on.heartbeat_s < on.member_ttl_s / 3, "a live replica survives lost heartbeats"
+    wildcard = cluster({"SHEPHERD_SCHEDULER_CLUSTER": "prod", "SHEPHERD_HOST": "0.0.0.0"})
+    assert not wildcard.advertise.startswith("0.0.0.0"), "peers cannot dial a wildcard"
+    ids = {cluster({"SHEPHERD_SCHEDULER_CLUSTER": "prod"}).replica_id for _ in range(2)}
+    assert len(ids) == 2, "a restarted process is a new member"
