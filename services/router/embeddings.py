@@ -22,6 +22,7 @@ An HTTP edge (POST /v1/embeddings) is one more adapter over `embed`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -138,7 +139,8 @@ class EmbedPipeline(ChatPipeline):
                 except grpc.aio.AioRpcError as error:
                     if attempt or not self._scheduler.retryable(replica, error):
                         raise
-                    await self._scheduler.refresh()
+                    with contextlib.suppress(Exception):  # Redis down: the last view will do
+                        await self._scheduler.refresh()
         except grpc.aio.AioRpcError as error:
             await self._quota.release(chat.ticket)
             raise from_rpc_error(error, "scheduler") from error
