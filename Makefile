@@ -13,7 +13,7 @@ PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["p
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
 	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge bench-http-stacks \
-	bench-cost bench-embeddings bench-telemetry lint fmt clean
+	bench-cost bench-embeddings bench-telemetry bench-scale-out lint fmt clean
 
 all: gen
 
@@ -45,7 +45,7 @@ test: gen lint
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
 	bench-single-flight bench-soak bench-http-edge bench-http-stacks bench-cost bench-embeddings \
-	bench-telemetry
+	bench-telemetry bench-scale-out
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -116,6 +116,12 @@ bench-http-stacks: gen
 # headline); EMBEDDINGS_ARGS='--concurrency 64 --requests 5000' to change.
 bench-embeddings: gen
 	$(BIN)/python -m bench.embeddings $(EMBEDDINGS_ARGS)
+
+# Scheduler scale-out: throughput through the router with 1, 2 and 3 scheduler replicas, and a
+# simulation of 100 models, 50 nodes and 10 replicas; about a minute
+# (SCALE_OUT_ARGS='--seconds 10 --concurrency 64' to change).
+bench-scale-out: gen
+	$(BIN)/python -m bench.scale_out $(SCALE_OUT_ARGS)
 
 lint: gen
 	$(BIN)/ruff check .

@@ -196,6 +196,8 @@ class LocalMesh:
         self.sim: SimProcess | None = None
         self.services: dict[str, subprocess.Popen[bytes]] = {}
         self.replicas: list[Replica] = []
+        # Extra scheduler replicas (scale-out: SHEPHERD_SCHEDULER_CLUSTER in extra_env).
+        self.schedulers: list[Replica] = []
         self.redis_url = config.redis_url
         self.dev_api_key = ""
         self.log_dir = config.run_dir / "logs"
@@ -433,6 +435,32 @@ class LocalMesh:
         wait_serving("router replica", proc, address, log_path, time.monotonic() + 60.0)
         return replica
 
+    def add_scheduler(self, extra_env: Mapping[str, str] | None = None) -> Replica:
+        """Start one more scheduler replica on a free port; it stops with the mesh.
+
+        It joins the mesh's scheduler cluster when the mesh names one
+        (SHEPHERD_SCHEDULER_CLUSTER in its extra_env): the replicas then share the models'
+        queues, the nodes' capacity and placement through Redis (services/scheduler/cluster.py).
+        """
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        log_path = self.log_dir / f"scheduler-{port}.log"
+        env = self._scheduler_env(port, extra_env)
+        proc = spawn([sys.executable, "-m", "services.scheduler"], env=env, log_path=log_path)
+        replica = Replica(address=address, process=proc, log_path=log_path)
+        self.schedulers.append(replica)
+        wait_serving("scheduler replica", proc, address, log_path, time.monotonic() + 60.0)
+        return replica
+
+    def _scheduler_env(self, port: int, extra_env: Mapping[str, str] | None) -> dict[str, str]:
+        return {
+            **self.service_env(),
+            # The first scheduler holds the scheduler's metrics port; extra replicas serve none.
+            "SHEPHERD_SCHEDULER_METRICS_PORT": "0",
+            **(extra_env or {}),
+            "SHEPHERD_SCHEDULER_PORT": str(port),
+        }
+
     # -- faults, for the chaos suite (tests/chaos) ----------------------------------------
 
     def kill(self, component: str) -> float:
@@ -473,6 +501,16 @@ class LocalMesh:
                 log_path=self.log_dir / f"{component}.log",
             )
             self._wait_serving(component, deadline)
+        elif any(r.address == component for r in self.schedulers):
+            old = self._replica(component)
+            port = int(old.address.rsplit(":")[1])
+            proc = spawn(
+                [sys.executable, "-m", "services.scheduler"],
+                env=self._scheduler_env(port, None),
+                log_path=old.log_path,
+            )
+            self.schedulers[self.schedulers.index(old)] = Replica(old.address, proc, old.log_path)
+            wait_serving("scheduler replica", proc, old.address, old.log_path, deadline)
         else:
             old = self._replica(component)
             env = {
@@ -492,7 +530,7 @@ class LocalMesh:
         return time.monotonic()
 
     def _replica(self, address: str) -> Replica:
-        for replica in self.replicas:
+        for replica in (*self.replicas, *self.schedulers):
             if replica.address == address:
                 return replica
         raise KeyError(f"no component or router replica {address!r} in this mesh")
@@ -501,6 +539,8 @@ class LocalMesh:
         """Stop everything, routers first, so no request is accepted that cannot finish."""
         while self.replicas:
             stop(self.replicas.pop().process)
+        while self.schedulers:
+            stop(self.schedulers.pop().process)
         for name in reversed(SERVICES):
             proc = self.services.pop(name, None)
             if proc is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from shepherd.billing.v1 import billing_pb2_grpc
 from shepherd.cache.v1 import cache_pb2_grpc
 from shepherd.router.v1 import router_pb2, router_pb2_grpc
-from shepherd.scheduler.v1 import scheduler_pb2_grpc
 
 from libs.accounts import Accounts
 from libs.apikeys import KeyStore
@@ -18,6 +17,7 @@ from services.router.embeddings import EmbedPipeline
 from services.router.http_edge import HttpEdge
 from services.router.pipeline import ChatPipeline
 from services.router.quota import Quota
+from services.router.schedulers import SchedulerDirectory
 from services.router.servicer import RouterServicer
 from services.router.spool import UsageSpool
 from services.router.usage import UsageRecorder
@@ -30,9 +30,17 @@ async def serve() -> None:
     redis_client = open_redis(config.redis_url, 2.0)
     channels = [
         open_channel(address, config.credentials)
-        for address in (config.scheduler_addr, config.cache_addr, config.billing_addr)
+        for address in (config.cache_addr, config.billing_addr)
     ]
-    scheduler, cache, billing = channels
+    cache, billing = channels
+    # The scheduler replica that owns each model (Redis membership when scale-out is on).
+    schedulers = SchedulerDirectory(
+        config.scheduler_addr,
+        config.credentials,
+        redis_client if config.scheduler_cluster else None,
+        config.scheduler_cluster,
+    )
+    await schedulers.start()
     authenticator = Authenticator(KeyStore(redis_client), config.key_cache_s)
     billing_stub = billing_pb2_grpc.BillingServiceStub(billing)
     usage = UsageRecorder(billing_stub)
@@ -44,7 +52,7 @@ async def serve() -> None:
         catalog,
         authenticator,
         Quota(Accounts(redis_client), config.quota),
-        scheduler_pb2_grpc.SchedulerServiceStub(scheduler),
+        schedulers,
         cache_pb2_grpc.CacheServiceStub(cache),
         usage,
         spool,
@@ -66,6 +74,7 @@ async def serve() -> None:
     async def close_channels() -> None:
         for channel in channels:
             await channel.close()
+        await schedulers.close()
 
     binding = Binding(
         add=router_pb2_grpc.add_RouterServiceServicer_to_server,

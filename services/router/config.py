@@ -65,6 +65,9 @@ class RouterConfig:
     # The OpenAI-compatible HTTP edge (services/router/http_edge.py) listens on this port, on
     # the same host as gRPC; 0 turns it off.
     http_port: int = DEFAULT_ROUTER_HTTP_PORT
+    # The scheduler cluster (SHEPHERD_SCHEDULER_CLUSTER) whose members, in Redis, own the
+    # models' queues; empty: every request goes to scheduler_addr.
+    scheduler_cluster: str = ""
 
     @property
     def http_address(self) -> str:
@@ -127,4 +130,5 @@ class RouterConfig:
             ),
             spool_hold_s=env_float("SHEPHERD_ROUTER_SPOOL_HOLD_S", 3600.0, minimum=1.0, env=env),
             http_port=http_port,
+            scheduler_cluster=env_str("SHEPHERD_SCHEDULER_CLUSTER", "", env),
         )

@@ -22,6 +22,7 @@ An HTTP edge (POST /v1/embeddings) is one more adapter over `embed`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -113,18 +114,33 @@ class EmbedPipeline(ChatPipeline):
         leadership: Leadership | None,
     ) -> AsyncIterator[ChatEvent]:
         """Embed through the scheduler, bill the input tokens, store the vectors."""
+        embed_request = scheduler_pb2.EmbedRequest(
+            request_id=chat.request_id,
+            tenant=chat.tenant,
+            model=chat.model.name,
+            inputs=[m.content for m in request.messages],
+            priority=request.priority,
+            self_hosted_only=request.self_hosted_only,
+        )
         try:
-            response = await self._scheduler.Embed(
-                scheduler_pb2.EmbedRequest(
-                    request_id=chat.request_id,
-                    tenant=chat.tenant,
-                    model=chat.model.name,
-                    inputs=[m.content for m in request.messages],
-                    priority=request.priority,
-                    self_hosted_only=request.self_hosted_only,
-                ),
-                timeout=_before(self._remaining(chat.deadline, self._config.default_timeout_s)),
-            )
+            # To the model's owner; once more if it refused as not the owner or was gone
+            # (services/router/schedulers.py), as the chat path does.
+            for attempt in range(2):
+                replica, scheduler, metadata = self._scheduler.route(chat.model.name)
+                try:
+                    response = await scheduler.Embed(
+                        embed_request,
+                        timeout=_before(
+                            self._remaining(chat.deadline, self._config.default_timeout_s)
+                        ),
+                        metadata=metadata,
+                    )
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if attempt or not self._scheduler.retryable(replica, error):
+                        raise
+                    with contextlib.suppress(Exception):  # Redis down: the last view will do
+                        await self._scheduler.refresh()
         except grpc.aio.AioRpcError as error:
             await self._quota.release(chat.ticket)
             raise from_rpc_error(error, "scheduler") from error

@@ -18,6 +18,7 @@ take it is the answer withheld (UNAVAILABLE, retry with the same request id).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -30,7 +31,7 @@ from shepherd.billing.v1 import billing_pb2
 from shepherd.cache.v1 import cache_pb2, cache_pb2_grpc
 from shepherd.common.v1 import common_pb2
 from shepherd.router.v1 import router_pb2
-from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shepherd.scheduler.v1 import scheduler_pb2
 
 from libs import genai
 from libs.catalog import Catalog, Model
@@ -44,6 +45,7 @@ from services.router.config import RouterConfig
 from services.router.flight import Leadership, trimmed_text
 from services.router.observe import ChatObserver
 from services.router.quota import Quota, Ticket
+from services.router.schedulers import SchedulerDirectory
 from services.router.spool import UsageSpool
 from services.router.usage import UsageRecorder
 from services.router.validation import resolved_params
@@ -74,6 +76,28 @@ FINISH_TEXT = {
 FINISH_ENUM = {text: reason for reason, text in FINISH_TEXT.items()}
 Metadata = Sequence[tuple[str, str | bytes]]
 ChatLike: TypeAlias = router_pb2.ChatRequest | router_pb2.ChatStreamRequest
+
+
+# A request is sent to another scheduler replica only while this much of its deadline is left.
+_MIN_RETRY_S = 0.5
+
+
+async def _chunks(
+    call: grpc.aio.UnaryStreamCall,
+    first: object,
+) -> AsyncIterator[scheduler_pb2.InferStreamResponse]:
+    """The stream's chunks, the first of which was already read (or its error raised).
+
+    Read with `read()` throughout: grpc.aio refuses a call read both ways.
+    """
+    chunk = first
+    while True:
+        if isinstance(chunk, BaseException):
+            raise chunk
+        if chunk is grpc.aio.EOF:
+            return
+        yield chunk
+        chunk = await call.read()
 
 
 def _before(remaining_s: float) -> float:
@@ -142,7 +166,7 @@ class ChatPipeline:
         catalog: Catalog,
         authenticator: Authenticator,
         quota: Quota,
-        scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+        scheduler: SchedulerDirectory,
         cache: cache_pb2_grpc.CacheServiceStub,
         usage: UsageRecorder,
         spool: UsageSpool,
@@ -394,27 +418,56 @@ class ChatPipeline:
         deltas: bool,
         leadership: Leadership | None,
     ) -> AsyncIterator[ChatEvent]:
-        """Stream from the scheduler, bill what was used, store a complete answer."""
-        call = self._scheduler.InferStream(
-            scheduler_pb2.InferStreamRequest(
-                request_id=chat.request_id,
-                tenant=chat.tenant,
-                model=chat.model.name,
-                messages=request.messages,
-                params=chat.params,
-                priority=request.priority,
-                self_hosted_only=request.self_hosted_only,
-                final_only=not deltas,
-            ),
-            # The scheduler stops a little before the caller's own deadline, so the final
-            # chunk (with what was generated, billed) still reaches the caller.
-            timeout=_before(self._remaining(chat.deadline, self._config.default_timeout_s)),
+        """Stream from the scheduler, bill what was used, store a complete answer.
+
+        The request goes to the scheduler replica that owns its model (schedulers.py). If that
+        replica refused it as not its owner, or could not be reached, before any text, it is
+        sent once more, to the owner named by a fresh read of the members, while its deadline
+        leaves time for it; the same request id, so the replicas' claims and billing's ledger
+        never run or bill it twice.
+        """
+        scheduler_request = scheduler_pb2.InferStreamRequest(
+            request_id=chat.request_id,
+            tenant=chat.tenant,
+            model=chat.model.name,
+            messages=request.messages,
+            params=chat.params,
+            priority=request.priority,
+            self_hosted_only=request.self_hosted_only,
+            final_only=not deltas,
         )
+        retried = False
+        while True:
+            replica, scheduler, metadata = self._scheduler.route(chat.model.name)
+            call = scheduler.InferStream(
+                scheduler_request,
+                # The scheduler stops a little before the caller's own deadline, so the final
+                # chunk (with what was generated, billed) still reaches the caller.
+                timeout=_before(self._remaining(chat.deadline, self._config.default_timeout_s)),
+                metadata=metadata,
+            )
+            first: object
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as error:
+                if (
+                    not retried
+                    and self._scheduler.retryable(replica, error)
+                    and chat.deadline - time.monotonic() > _MIN_RETRY_S
+                ):
+                    retried = True
+                    with contextlib.suppress(Exception):
+                        await self._scheduler.refresh()
+                    continue
+                first = error
+            except BaseException as error:  # the caller went away: handled below, as ever
+                first = error
+            break
         parts: list[str] = []
         used = common_pb2.Usage()
         final: common_pb2.CompletionFinal | None = None
         try:
-            async for chunk in call:
+            async for chunk in _chunks(call, first):
                 if chunk.HasField("delta"):
                     parts.append(chunk.delta.text)
                     used = chunk.delta.usage

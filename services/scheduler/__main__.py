@@ -12,10 +12,11 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from libs.catalog import Pool, load_catalog
 from libs.credentials import Access, AccessPolicy
 from libs.peers import open_channel
-from libs.server import Binding, main, run_server, setup_process
+from libs.server import Binding, main, open_redis, run_server, setup_process
 from libs.tasks import supervise
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
+from services.scheduler.cluster import Cluster, LeaderClient, MembershipProbe
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.hosted import HostedBackend, HostedClient, HostedConfig
@@ -57,12 +58,22 @@ async def serve() -> None:
             )
         )
 
+    # Scale-out (services/scheduler/cluster.py): shared queues' ownership, node slots and
+    # placement through Redis. Off, none of it exists and nothing here touches Redis.
+    cluster: Cluster | None = None
+    leader: LeaderClient | None = None
+    redis_client = None
+    if config.cluster.enabled:
+        redis_client = open_redis(config.cluster.redis_url, 2.0)
+        cluster = Cluster(config.cluster, redis_client, catalog.models, catalog.pools)
+        leader = LeaderClient(cluster, config.credentials, config.placement.load_timeout_s)
+
     placers: list[Placer] = []
 
     def placer_for(pool: Pool) -> Placer | None:
         if pool.model_control != "explicit":
             return None
-        placer = Placer(config.placement)
+        placer = Placer(config.placement, cluster, leader)
         placers.append(placer)
         return placer
 
@@ -71,6 +82,7 @@ async def serve() -> None:
         (d for model in catalog.models.values() for d in model.deployments),
         config.health,
         placer_for,
+        cluster,
     )
     stats = {
         name: ModelStats(name, max_batch_size=model.batching.max_batch_size)
@@ -95,6 +107,7 @@ async def serve() -> None:
         HostedBackend(hosted_clients),
         stats,
         config.hosted_inflight_batches,
+        cluster,
     )
     batchers = {
         name: Batcher(
@@ -109,6 +122,19 @@ async def serve() -> None:
     observe_outcomes(stats.values)
     for pool in pools.values():
         await pool.start()
+    if cluster is not None:
+
+        def lead(name: str) -> None:
+            pool = pools.get(name)
+            if pool is not None and pool.placement is not None:
+                adoption = supervise(f"adopt:{name}", pool.adopt_for_leadership)
+                adoptions.add(adoption)
+                adoption.add_done_callback(adoptions.discard)
+
+        adoptions: set[asyncio.Task[None]] = set()
+        cluster.on_leadership = lead
+        # A member (with its assignment known) before it serves: readiness waits for this.
+        await cluster.start()
     for batcher in batchers.values():
         batcher.start()
     reporting = supervise("pool-usage", usage.run) if usage is not None else None
@@ -120,6 +146,10 @@ async def serve() -> None:
             await placer.close()
         for pool in pools.values():
             await pool.close()
+        if cluster is not None and leader is not None and redis_client is not None:
+            await leader.close()
+            await cluster.close()  # leave: the models and leases move at once
+            await redis_client.aclose()
         await dispatcher.close()
         if reporting is not None and usage is not None and billing is not None:
             reporting.cancel()
@@ -137,20 +167,29 @@ async def serve() -> None:
             placers,
             config.default_timeout_s,
             triton.metering,
+            cluster,
+            replica_id=config.cluster.replica_id or config.server.address,
         ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )
-    # Operators read GetStats with an admin key; only the router may queue inference.
+    # Operators read GetStats and GetAssignments with an admin key; only the router may queue
+    # inference, and only the replicas ask each other to load (EnsureLoaded).
     access = AccessPolicy(
         config.credentials,
-        {"/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN},
+        {
+            "/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN,
+            "/shepherd.scheduler.v1.SchedulerService/GetAssignments": Access.INTERNAL_OR_ADMIN,
+        },
     )
     await run_server(
         config.server,
         [binding],
         cleanups=[close_scheduling],
         access=access,
-        readiness=[ModelsProbe(catalog.models, dispatcher)],
+        readiness=[
+            ModelsProbe(catalog.models, dispatcher),
+            *([MembershipProbe(cluster)] if cluster is not None else []),
+        ],
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.config import (
@@ -14,10 +15,12 @@ from libs.config import (
     env_float,
     env_int,
     env_str,
+    redis_url,
 )
 from libs.credentials import Credentials
 from libs.retry import RetryPolicy
 from services.scheduler.breaker import BreakerConfig
+from services.scheduler.cluster import ClusterConfig, default_replica_id
 from services.scheduler.nodes import HealthConfig
 from services.scheduler.placement import PlacementConfig
 
@@ -41,11 +44,14 @@ class SchedulerConfig:
     # explicitly (SHEPHERD_BILLING_ADDR); empty: the pools' hourly figures are not kept.
     billing_addr: str = ""
     pool_usage_interval_s: float = 1.0
+    # Scale-out across replicas (services/scheduler/cluster.py); off unless a cluster is named.
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerConfig:
+        server = ServerConfig.from_env("scheduler", env)
         return cls(
-            server=ServerConfig.from_env("scheduler", env),
+            server=server,
             telemetry=TelemetryConfig.from_env("scheduler", env),
             credentials=Credentials.from_env(env),
             catalog=catalog_path(env),
@@ -105,4 +111,31 @@ class SchedulerConfig:
             pool_usage_interval_s=env_float(
                 "SHEPHERD_SCHEDULER_POOL_USAGE_INTERVAL_S", 1.0, minimum=0.01, env=env
             ),
+            cluster=cluster_config(server, env),
         )
+
+
+def cluster_config(server: ServerConfig, env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Scale-out settings. SHEPHERD_SCHEDULER_CLUSTER names the cluster (and turns it on);
+    the replica registers SHEPHERD_SCHEDULER_ADVERTISE (default: its listen address, the host
+    name for a wildcard host) for routers and other replicas to dial."""
+    name = env_str("SHEPHERD_SCHEDULER_CLUSTER", "", env)
+    if not name:
+        return ClusterConfig()
+    host = server.host if server.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+    member_ttl_s = env_float("SHEPHERD_SCHEDULER_MEMBER_TTL_S", 2.5, minimum=0.2, env=env)
+    return ClusterConfig(
+        name=name,
+        redis_url=redis_url(env),
+        replica_id=env_str("SHEPHERD_SCHEDULER_REPLICA_ID", "", env) or default_replica_id(),
+        advertise=env_address("SHEPHERD_SCHEDULER_ADVERTISE", f"{host}:{server.port}", env),
+        # A quarter of the expiry: three heartbeats can be lost before a live replica is
+        # taken for dead.
+        heartbeat_s=env_float(
+            "SHEPHERD_SCHEDULER_HEARTBEAT_S", member_ttl_s / 4, minimum=0.05, env=env
+        ),
+        member_ttl_s=member_ttl_s,
+        leader_ttl_s=env_float(
+            "SHEPHERD_SCHEDULER_LEADER_TTL_S", member_ttl_s, minimum=0.2, env=env
+        ),
+    )

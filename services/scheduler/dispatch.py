@@ -24,6 +24,11 @@ Spill-over: when admission finds that a self-hosted model's queue would make a r
 its deadline, the request goes straight to the hosted deployment instead (if it may leave),
 and its Placement says so.
 
+With scale-out on, a batch's requests are claimed in Redis by (tenant, request id) before it
+runs (one script per batch, services/scheduler/cluster.py): a request another live replica
+is already running (a router's retry after an owner it could not reach) is answered ABORTED
+instead of being run twice. The claims are dropped when the batch ends.
+
 One span per batch is parented to the oldest request's trace and linked to every request span
 it serves.
 """
@@ -31,6 +36,7 @@ it serves.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -44,6 +50,7 @@ from libs.errors import ShepherdError
 from libs.retry import RetryPolicy
 from libs.telemetry import tracer
 from services.scheduler.batcher import Slot, WaiterKey
+from services.scheduler.cluster import Cluster
 from services.scheduler.events import Delta, Event, Final
 from services.scheduler.hosted import HostedBackend
 from services.scheduler.nodes import Lease, NodePool
@@ -51,6 +58,7 @@ from services.scheduler.queue import PendingRequest, expired
 from services.scheduler.stats import ModelStats
 from services.scheduler.triton import NodeUnavailable, TritonBackend
 
+_log = logging.getLogger(__name__)
 # A batch whose node cannot take it is retried once, at once, on another node (the node's
 # breaker hears of the failure); the same policy object as hosted and billing retries.
 _NODE_RETRY = RetryPolicy(attempts=2, base_s=0.0, max_s=0.0)
@@ -84,7 +92,9 @@ class Dispatcher:
         hosted: HostedBackend,
         stats: Mapping[str, ModelStats],
         hosted_inflight_batches: int,
+        cluster: Cluster | None = None,
     ) -> None:
+        self._cluster = cluster
         self._pools = pools
         self._triton = triton
         self._hosted = hosted
@@ -121,6 +131,49 @@ class Dispatcher:
     # -- running ----------------------------------------------------------------------------
 
     async def run(
+        self,
+        model: Model,
+        slot: Slot | None,
+        batch: list[PendingRequest],
+        error: ShepherdError | None = None,
+    ) -> None:
+        if self._cluster is None:
+            await self._run(model, slot, batch, error)
+            return
+        keys = [(item.tenant, item.request_id) for item in batch]
+        batch = await self._claim(self._cluster, batch, keys)
+        try:
+            if batch:
+                await self._run(model, slot, batch, error)
+            elif slot is not None:
+                slot.release()
+        finally:
+            self._cluster.unclaim(keys)
+
+    @staticmethod
+    async def _claim(
+        cluster: Cluster, batch: list[PendingRequest], keys: list[tuple[str, str]]
+    ) -> list[PendingRequest]:
+        """The requests of the batch this replica may run: not running on another replica."""
+        now = time.monotonic()
+        ttl_s = max(item.deadline for item in batch) - now + 1.0
+        unreachable = {r for item in batch for r in item.unreachable}
+        try:
+            refused = await cluster.claim(keys, ttl_s, unreachable)
+        except Exception as error:  # Redis unreachable: run it; the claim only saves GPU time
+            _log.warning("request claims unavailable", extra={"error": str(error)})
+            return batch
+        for index in refused:
+            batch[index].settle(
+                ShepherdError(
+                    grpc.StatusCode.ABORTED,
+                    f"request {batch[index].request_id!r} is already running on another "
+                    "scheduler replica; it is not run twice",
+                )
+            )
+        return [item for index, item in enumerate(batch) if index not in refused]
+
+    async def _run(
         self,
         model: Model,
         slot: Slot | None,

@@ -22,6 +22,12 @@ UNAVAILABLE instead of waiting.
 Nodes come from the catalog's static list or from DNS (a Kubernetes headless service), which
 is re-resolved periodically; a node that disappears from DNS gets no new work and is dropped
 when its batches finish.
+
+With scale-out on (services/scheduler/cluster.py) the cap is shared by every replica: a slot
+chosen here is confirmed by one Redis script per batch before the batch gets it, and given
+back in Redis when the batch ends; and under explicit model control every replica reads each
+node's repository index on its polls, so it sees what the pool's placement leader loaded or
+unloaded.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from libs.errors import ShepherdError
 from libs.peers import RECONNECT_OPTIONS
 from libs.tasks import log_failure, supervise
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from services.scheduler.cluster import Cluster
 
 _log = logging.getLogger(__name__)
 
@@ -121,6 +128,10 @@ class Node:
         self.load_lock = asyncio.Lock()  # loads and unloads on one node run one at a time
         self.gone = False  # removed from DNS: drain, then drop
         self.memory_probed = False
+        # Scale-out: slots given back locally whose release Redis has not confirmed yet, and
+        # until when other replicas were found to fill the node.
+        self.releasing = 0
+        self.shared_full_until = 0.0
 
     @property
     def memory_used_mb(self) -> int:
@@ -170,7 +181,7 @@ class Node:
 
     def has_slot(self) -> bool:
         cap = 1 if self.state is NodeState.HALF_OPEN else self.cap
-        return self.inflight < cap
+        return self.inflight + self.releasing < cap
 
     def ready(self, model: str) -> bool:
         copy = self.models.get(model)
@@ -221,6 +232,8 @@ class Lease:
         # The copies the batch counts as in flight on: the model's, and an ensemble's steps.
         self.used = used
         self._released = False
+        # Its holder entry in the node's shared semaphore (scale-out); "" when not shared.
+        self.holder = ""
         # The batch's time on the node, once released with one: the backend gives the slot
         # back as soon as the node is done, before the answers go out.
         self.latency_s: float | None = None
@@ -290,8 +303,10 @@ class NodePool:
         health: HealthConfig,
         placement: PlacementPolicy | None,
         client_factory: ClientFactory = default_client,
+        cluster: Cluster | None = None,
     ) -> None:
         self.pool = pool
+        self.cluster = cluster
         self.health = health
         self.placement = placement
         self._deployments = {d.backend_model: d for d in deployments}
@@ -380,6 +395,7 @@ class NodePool:
                 if node.address not in waiter.exclude
                 and node.usable(now)
                 and node.has_slot()
+                and node.shared_full_until <= now
                 and node.ready(waiter.deployment.backend_model)
             ]
             if candidates:
@@ -443,6 +459,10 @@ class NodePool:
         first, second = random.sample(candidates, 2)
         return first if first.score() <= second.score() else second
 
+    def deployment(self, backend_model: str) -> Deployment | None:
+        """The pool's deployment of a Triton model, if it has one."""
+        return self._deployments.get(backend_model)
+
     def loaded(self, name: str) -> ModelOnNode:
         """A READY entry for a model found loaded on a node, with its footprint and steps."""
         return ModelOnNode(
@@ -457,15 +477,75 @@ class NodePool:
         for entry in used:
             entry.inflight += 1
             entry.last_used = now
-        waiter.future.set_result(Lease(self, node, waiter.deployment, used))
+        lease = Lease(self, node, waiter.deployment, used)
+        if self.cluster is None:
+            waiter.future.set_result(lease)
+            return
+        # Reserved here (so this pump does not hand the slot out twice); the batch gets it
+        # once the node's shared semaphore agrees.
+        task = asyncio.get_running_loop().create_task(
+            self._confirm(waiter, lease), name=f"slot:{node.address}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_failure)
 
-    def released(self, lease: Lease, latency_s: float | None, failure: str) -> None:
+    async def _confirm(self, waiter: _Waiter, lease: Lease) -> None:
+        """Take the slot in Redis; on a refusal give it back here and put the waiter back."""
+        assert self.cluster is not None
+        node = lease.node
+        holder = self.cluster.holder_id()
+        models = [entry.name for entry in lease.used]
+        retry_s = self.cluster.config.full_retry_s
+        try:
+            verdict, model = await self.cluster.acquire_slot(
+                self.pool.name, node.address, node.cap, holder, models
+            )
+        except Exception as error:  # Redis down or slow: the batch waits and asks again
+            _log.warning(
+                "shared node slot unavailable", extra={"node": node.address, "error": str(error)}
+            )
+            verdict, model, retry_s = 0, "", 0.25
+        if verdict == 1:
+            lease.holder = holder
+            if waiter.future.done():
+                lease.release()  # its batcher went away meanwhile
+            else:
+                waiter.future.set_result(lease)
+            return
+        now = time.monotonic()
+        self._unreserve(lease, now)
+        if verdict < 0:
+            # The placement leader is unloading (or has unloaded) it there: forget the copy
+            # until a poll or the leader says it is back.
+            copy = node.models.get(model)
+            if copy is not None and copy.state is ModelState.READY and copy.inflight == 0:
+                del node.models[model]
+        else:
+            node.shared_full_until = now + retry_s
+            asyncio.get_running_loop().call_later(retry_s, self.pump)
+        if not waiter.future.done():
+            self._waiters.append(waiter)
+        self.pump()
+
+    def _unreserve(self, lease: Lease, now: float) -> None:
         node = lease.node
         node.inflight -= 1
-        now = time.monotonic()
         for entry in lease.used:
             entry.inflight -= 1
             entry.last_used = now
+
+    def released(self, lease: Lease, latency_s: float | None, failure: str) -> None:
+        node = lease.node
+        self._unreserve(lease, time.monotonic())
+        if self.cluster is not None and lease.holder:
+            node.releasing += 1
+
+            def done() -> None:
+                node.releasing -= 1
+                self.pump()
+
+            self.cluster.release_slot(self.pool.name, node.address, lease.holder, done)
         if failure:
             node.failed(failure, self.health)
         elif latency_s is not None:
@@ -569,6 +649,10 @@ class NodePool:
                 if not await node.client.is_server_live(client_timeout=timeout):
                     node.failed("ServerLive and ServerReady answered false", self.health)
                     return
+            if self.cluster is not None and self.placement is not None:
+                await self._reconcile(node)
+                node.succeeded(None, self.health.ema_alpha)
+                return
             expected = set(node.models)
             if self.pool.model_control == "none":
                 expected |= set(self._deployments)
@@ -590,6 +674,42 @@ class NodePool:
         if node.state is not NodeState.HEALTHY:
             await self._probe_memory(node)
         node.succeeded(None, self.health.ema_alpha)
+
+    async def _reconcile(self, node: Node) -> None:
+        """Scale-out, explicit model control: the node's repository index is the truth, since
+        the placement leader may be another replica. A settled copy Triton no longer reports
+        ready is forgotten unless a batch of ours still runs on it; one it reports is adopted.
+        Copies this replica is loading or evicting are the placer's to settle."""
+        index = await node.client.get_model_repository_index(
+            as_json=True, client_timeout=self.health.probe_timeout_s
+        )
+        ready = {
+            entry.get("name", "")
+            for entry in index.get("models", [])
+            if entry.get("state") == "READY" and entry.get("name")
+        }
+        for name in ready - set(node.models):
+            node.models[name] = self.loaded(name)
+        for name, copy in list(node.models.items()):
+            if name not in ready and copy.state is ModelState.READY and copy.inflight == 0:
+                del node.models[name]
+        if node.state is not NodeState.HEALTHY:
+            await self._probe_memory(node)
+
+    async def adopt_for_leadership(self) -> None:
+        """This replica just became the pool's placement leader: take over what the nodes have
+        loaded, unloading nothing, and lift the marks of models that are loaded (a previous
+        leader that died between its mark and its unload leaves the model loaded)."""
+        assert self.cluster is not None
+        for node in list(self.nodes.values()):
+            try:
+                await self._reconcile(node)
+            except InferenceServerException as error:
+                node.failed(f"repository index: {error.message()}", self.health)
+                continue
+            ready = [n for n, m in node.models.items() if m.state is ModelState.READY]
+            await self.cluster.loaded(self.pool.name, node.address, ready)
+        self.pump()
 
     # -- DNS --------------------------------------------------------------------------------
 
@@ -637,6 +757,7 @@ def pools_for(
     deployments: Iterable[Deployment],
     health: HealthConfig,
     placement_factory: Callable[[Pool], PlacementPolicy | None],
+    cluster: Cluster | None = None,
 ) -> dict[str, NodePool]:
     """One NodePool per catalog pool, knowing the deployments that run on it."""
     by_pool: dict[str, list[Deployment]] = {name: [] for name in pools}
@@ -644,6 +765,6 @@ def pools_for(
         if deployment.kind == "triton":
             by_pool[deployment.pool].append(deployment)
     return {
-        name: NodePool(pool, by_pool[name], health, placement_factory(pool))
+        name: NodePool(pool, by_pool[name], health, placement_factory(pool), cluster=cluster)
         for name, pool in pools.items()
     }

@@ -25,20 +25,30 @@ clients is a race. Shepherd is the only client that loads and unloads, so it can
   wait for their deadline; the node is asked again after a back-off.
 
 Every load, unload and failed load is kept as a PlacementEvent for GetStats and logged.
+
+With scale-out on (services/scheduler/cluster.py) only the pool's placement leader loads and
+unloads; a replica that is not the leader asks it (`EnsureLoaded`) and adds the nodes it
+answers with. The leader marks each victim "unloading" in Redis before it unloads it, in the
+same script that checks that no replica has a batch of it in flight there; when any does, the
+load waits and is considered again at the next pump.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
+import grpc
 from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment
+from libs.errors import ShepherdError
 from libs.tasks import log_failure
+from services.scheduler.cluster import Cluster, LeaderClient
 from services.scheduler.nodes import ModelOnNode, ModelState, Node, NodePool
 from services.scheduler.stats import placement_event
 
@@ -74,8 +84,19 @@ class PlacementConfig:
 class Placer:
     """Loads and evicts models on the nodes of one pool."""
 
-    def __init__(self, config: PlacementConfig) -> None:
+    def __init__(
+        self,
+        config: PlacementConfig,
+        cluster: Cluster | None = None,
+        leader: LeaderClient | None = None,
+    ) -> None:
         self._config = config
+        self._cluster = cluster
+        self._leader = leader
+        # Scale-out, not leading: the models this replica is asking the leader for now, and
+        # the leader's reason why a model cannot be loaded (until the back-off ends).
+        self._asking: set[str] = set()
+        self._leader_refusals: dict[str, tuple[str, float]] = {}
         self.events: deque[PlacementEvent] = deque(maxlen=config.max_events)
         self._backoff: dict[tuple[str, str], float] = {}
         # Why a node refused to load a model (it answered, and said no), until the back-off.
@@ -85,6 +106,9 @@ class Placer:
     def consider(self, pool: NodePool, deployment: Deployment, exclude: frozenset[str]) -> None:
         """Called when work for `deployment` found no free node; start a load if it helps."""
         name = deployment.backend_model
+        if self._cluster is not None and not self._cluster.leads(pool.pool.name):
+            self._ask_leader(pool, deployment)
+            return
         nodes = [n for n in pool.nodes.values() if not n.gone]
         if any(n.models.get(name) and n.models[name].state is ModelState.LOADING for n in nodes):
             return  # a copy is on its way; the work waits for it
@@ -128,6 +152,72 @@ class Placer:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(log_failure)
 
+    def _ask_leader(self, pool: NodePool, deployment: Deployment) -> None:
+        """Ask the pool's placement leader for the model, once at a time per model."""
+        name = deployment.backend_model
+        if name in self._asking or self._leader is None:
+            return
+        self._asking.add(name)
+        task = asyncio.get_running_loop().create_task(
+            self._asked(pool, name), name=f"ensure:{name}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(log_failure)
+
+    async def _asked(self, pool: NodePool, name: str) -> None:
+        assert self._leader is not None
+        try:
+            nodes = await self._leader.ensure_loaded(pool.pool.name, name)
+        except ShepherdError as error:
+            _log.info(
+                "placement leader could not place the model now",
+                extra={"model": name, "pool": pool.pool.name, "reason": error.message},
+            )
+            if error.code == grpc.StatusCode.UNAVAILABLE and " cannot load " in error.message:
+                self._leader_refusals[name] = (
+                    error.message,
+                    time.monotonic() + self._config.failed_load_backoff_s,
+                )
+            await asyncio.sleep(0.1)  # the next pump asks again
+            nodes = []
+        finally:
+            self._asking.discard(name)
+        for address in nodes:
+            node = pool.nodes.get(address)
+            if node is not None and name not in node.models:
+                node.models[name] = pool.loaded(name)
+        pool.pump()
+
+    async def ensure(self, pool: NodePool, deployment: Deployment, timeout_s: float) -> list[str]:
+        """The leader's side of EnsureLoaded: load the model unless a node holds it, and answer
+        with the nodes that hold it once one does (or UNAVAILABLE with why not)."""
+        name = deployment.backend_model
+        deadline = time.monotonic() + timeout_s
+        while True:
+            holders = [a for a, n in pool.nodes.items() if n.ready(name) and not n.gone]
+            if holders:
+                return holders
+            refused = self.load_failure(pool, deployment)
+            if refused:
+                raise ShepherdError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"Triton pool {pool.pool.name!r} cannot load {name}: {refused}",
+                )
+            if self._cluster is not None and not self._cluster.leads(pool.pool.name):
+                raise ShepherdError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"this replica does not lead placement on pool {pool.pool.name!r}",
+                )
+            if time.monotonic() >= deadline:
+                raise ShepherdError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{name} is not loaded on pool {pool.pool.name!r} yet (no room: every "
+                    "model that would make room is busy)",
+                )
+            self.consider(pool, deployment, frozenset())
+            await asyncio.sleep(0.05)
+
     def load_failure(self, pool: NodePool, deployment: Deployment) -> str:
         """Why no node can load `deployment` now, when every node that could refused it.
 
@@ -139,6 +229,9 @@ class Placer:
         if not nodes or any(name in n.models for n in nodes):
             return ""
         now = time.monotonic()
+        if self._cluster is not None and not self._cluster.leads(pool.pool.name):
+            reason, until = self._leader_refusals.get(name, ("", 0.0))
+            return reason if until > now else ""
         reasons = []
         for node in nodes:
             refusal = self._refusals.get((node.address, name))
@@ -181,6 +274,14 @@ class Placer:
         try:
             async with node.load_lock:
                 started = time.monotonic()
+                if not await self._mark_victims(pool, node, victims):
+                    # Another replica has a batch of a victim in flight: not now, but soon.
+                    for model in (name, *arriving):
+                        node.models.pop(model, None)
+                    retry_s = 0.05
+                    self._backoff[(node.address, name)] = time.monotonic() + retry_s
+                    asyncio.get_running_loop().call_later(retry_s, pool.pump)
+                    return
                 for victim in victims:
                     if not await self._unload(node, victim, f"evicted (LRU, idle) to load {name}"):
                         for model in (name, *arriving):
@@ -206,6 +307,8 @@ class Placer:
                     await self._settle_steps(node, name, arriving, started)
                     return
                 self._refusals.pop((node.address, name), None)
+                if self._cluster is not None:
+                    await self._cluster.loaded(pool.pool.name, node.address, [name, *arriving])
                 now = time.monotonic()
                 for model in (name, *arriving):
                     node.models[model].state = ModelState.READY
@@ -224,6 +327,29 @@ class Placer:
                         time.monotonic() + self._config.failed_load_backoff_s
                     )
             pool.pump()
+
+    async def _mark_victims(self, pool: NodePool, node: Node, victims: list[ModelOnNode]) -> bool:
+        """Scale-out: mark every victim "unloading" (atomically checked idle on every replica),
+        or mark none and put them back."""
+        if self._cluster is None or not victims:
+            return True
+        marked: list[str] = []
+        try:
+            for victim in victims:
+                if not await self._cluster.mark_unloading(
+                    pool.pool.name, node.address, victim.name
+                ):
+                    break
+                marked.append(victim.name)
+            else:
+                return True
+        except Exception:
+            _log.exception("marking a model for unload failed", extra={"node": node.address})
+        for victim in victims:
+            victim.state = ModelState.READY
+        with contextlib.suppress(Exception):
+            await self._cluster.loaded(pool.pool.name, node.address, marked)
+        return False
 
     async def _settle_steps(
         self, node: Node, ensemble: str, arriving: list[str], started: float

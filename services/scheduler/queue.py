@@ -116,6 +116,9 @@ class PendingRequest:
     charged_tokens: int = 0
     # Deltas, then the terminal outcome (services/scheduler/events.py).
     events: EventChannel = field(default_factory=EventChannel)
+    # Scheduler replicas the router could not reach before it sent this request here (a
+    # retry after its owner died): their claims on it are void (services/scheduler/cluster.py).
+    unreachable: frozenset[str] = frozenset()
 
     @property
     def future(self) -> asyncio.Future[common_pb2.Completion]:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
+from google.rpc import error_details_pb2
 from opentelemetry import trace
 from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -28,9 +29,11 @@ from libs.generation import (
     priority_violations,
     task_violations,
 )
+from libs.membership import ERROR_DOMAIN, NOT_OWNER_REASON, UNREACHABLE_METADATA, describe
 from libs.telemetry import set_tenant
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
+from services.scheduler.cluster import Cluster
 from services.scheduler.events import finish_reason
 from services.scheduler.nodes import ModelState, NodePool, NodeState
 from services.scheduler.placement import LOAD, LOAD_FAILED, UNLOAD, Placer
@@ -106,7 +109,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         placers: Sequence[Placer],
         default_timeout_s: float,
         metering: Callable[[str], tuple[int, int]] | None = None,
+        cluster: Cluster | None = None,
+        replica_id: str = "",
     ) -> None:
+        self._cluster = cluster
+        self._replica_id = cluster.replica_id if cluster is not None else replica_id
         self._catalog = catalog
         self._admission = admission
         self._batchers = batchers
@@ -118,7 +125,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         )
         self._metering = metering or (lambda _address: (0, 0))
 
-    def _pending(
+    async def _pending(
         self,
         request: scheduler_pb2.InferRequest | scheduler_pb2.InferStreamRequest,
         context: grpc.aio.ServicerContext,
@@ -139,6 +146,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if violations:
             raise invalid_argument(violations)
         set_tenant(request.tenant)
+        unreachable = await self._owned(model, context)
         remaining = context.time_remaining()
         timeout_s = self._default_timeout_s if remaining is None else remaining
         params = request.params
@@ -160,13 +168,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             weight=self._catalog.tenant(request.tenant).weight,
             # Only a stream that asked for them gets deltas; unary Infer reads the outcome alone.
             deltas=isinstance(request, scheduler_pb2.InferStreamRequest) and not request.final_only,
+            unreachable=unreachable,
         )
         return model, item, timeout_s
 
     async def Infer(
         self, request: scheduler_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.InferResponse:
-        model, item, timeout_s = self._pending(request, context)
+        model, item, timeout_s = await self._pending(request, context)
         completion: common_pb2.Completion | None = None
         error_type = ""
         # If the caller cancels, awaiting cancels the outcome too: the request leaves the
@@ -198,7 +207,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         On an error or a passed deadline after some text, the final chunk carries the usage
         so far (so the router bills what was generated), then the error status follows.
         """
-        model, item, timeout_s = self._pending(request, context)
+        model, item, timeout_s = await self._pending(request, context)
         channel = item.events
         completion: common_pb2.Completion | None = None
         error_type = grpc.StatusCode.CANCELLED.name  # until it ends any other way
@@ -247,6 +256,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         violations.extend(priority_violations(request.priority))
         if violations:
             raise invalid_argument(violations)
+        unreachable = await self._owned(model, context)
         remaining = context.time_remaining()
         timeout_s = self._default_timeout_s if remaining is None else remaining
         deadline = time.monotonic() + timeout_s
@@ -264,6 +274,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 self_hosted_only=request.self_hosted_only,
                 weight=weight,
                 deltas=False,
+                unreachable=unreachable,
             )
             for text in request.inputs
         ]
@@ -291,6 +302,93 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 embeddings=[vector for row in rows for vector in row.embeddings],
             )
         )
+
+    async def _owned(self, model: Model, context: grpc.aio.ServicerContext) -> frozenset[str]:
+        """Scale-out: refuse a model another replica owns (its queue is there), naming it.
+
+        In memory on the hot path; only a request this replica believes it does not own reads
+        the members again first. A router that could not reach a replica names it in the
+        metadata; the owner among the rest then takes the request (the replicas a router
+        could not reach are returned: their claims on the request are void).
+        """
+        cluster = self._cluster
+        if cluster is None:
+            return frozenset()
+        unreachable = frozenset(
+            replica
+            for key, value in context.invocation_metadata() or ()
+            if key == UNREACHABLE_METADATA
+            for replica in str(value).split(",")
+            if replica and replica != cluster.replica_id
+        )
+        if cluster.owns(model.name, unreachable):
+            return unreachable
+        await cluster.refresh()
+        if cluster.owns(model.name, unreachable):
+            return unreachable
+        owner = cluster.owner(model.name, unreachable) or ""
+        raise ShepherdError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"model {model.name} is queued on scheduler replica "
+            f"{describe(cluster.members, owner)}, not on {cluster.replica_id}: send it there",
+            [
+                error_details_pb2.ErrorInfo(
+                    reason=NOT_OWNER_REASON,
+                    domain=ERROR_DOMAIN,
+                    metadata={"owner": owner, "address": cluster.members.get(owner, "")},
+                )
+            ],
+        )
+
+    async def GetAssignments(
+        self, request: scheduler_pb2.GetAssignmentsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetAssignmentsResponse:
+        """Members, model -> owner and pool -> placement leader, as this replica sees them."""
+        response = scheduler_pb2.GetAssignmentsResponse(
+            replica_id=self._replica_id, scale_out=self._cluster is not None
+        )
+        if self._cluster is None:
+            response.models.extend(
+                scheduler_pb2.ModelAssignment(model=name, replica_id=self._replica_id)
+                for name in sorted(self._catalog.models)
+            )
+            response.pools.extend(
+                scheduler_pb2.PoolLeader(pool=name, replica_id=self._replica_id)
+                for name in sorted(self._pools)
+            )
+            return response
+        members, owners, leaders = self._cluster.snapshot()
+        response.members.extend(
+            scheduler_pb2.SchedulerMember(replica_id=replica, address=address)
+            for replica, address in sorted(members.items())
+        )
+        response.models.extend(
+            scheduler_pb2.ModelAssignment(model=name, replica_id=owner)
+            for name, owner in sorted(owners.items())
+        )
+        response.pools.extend(
+            scheduler_pb2.PoolLeader(pool=name, replica_id=leader)
+            for name, leader in sorted(leaders.items())
+        )
+        return response
+
+    async def EnsureLoaded(
+        self, request: scheduler_pb2.EnsureLoadedRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.EnsureLoadedResponse:
+        """Another replica has work for a model no node of the pool holds: place it (leader)."""
+        pool = self._pools.get(request.pool)
+        placer = pool.placement if pool is not None else None
+        deployment = pool.deployment(request.backend_model) if pool is not None else None
+        if pool is None or not isinstance(placer, Placer) or deployment is None:
+            raise ShepherdError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no pool {request.pool!r} in explicit model control with a deployment of "
+                f"{request.backend_model!r}",
+            )
+        remaining = context.time_remaining()
+        timeout_s = 30.0 if remaining is None else max(0.0, remaining - 0.1)
+        nodes = await placer.ensure(pool, deployment, timeout_s)
+        return scheduler_pb2.EnsureLoadedResponse(nodes=sorted(nodes))
 
     def _served(
         self,
@@ -324,7 +422,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             names = [self._catalog.resolve(request.model).name]
         else:
             names = sorted(self._batchers)
-        response = scheduler_pb2.GetStatsResponse()
+        response = scheduler_pb2.GetStatsResponse(replica_id=self._replica_id)
         for name in names:
             batcher = self._batchers[name]
             queue, stats = batcher.queue, batcher.stats
@@ -362,6 +460,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     composing_models=[
                         step.model for d in batcher.model.self_hosted for step in d.steps
                     ],
+                    owner_replica_id=(
+                        self._cluster.owner(name) or ""
+                        if self._cluster is not None
+                        else self._replica_id
+                    ),
                 )
             )
         for pool in self._pools.values():

@@ -42,11 +42,11 @@ REDIS_PASSWORD = "REDIS_PASSWORD"
 # libs/credentials.py refuses a token or admin key shorter than this.
 MIN_SECRET_CHARS = 16
 
-# Which secret values each workload may hold (least privilege): the scheduler keeps its state in
-# memory and gets no Redis password; Triton and Jaeger get nothing.
+# Which secret values each workload may hold (least privilege): the scheduler replicas share
+# their state through Redis (scale-out); Triton and Jaeger get nothing.
 SECRET_KEYS_BY_WORKLOAD = {
     "router": {INTERNAL_TOKEN, REDIS_PASSWORD},
-    "scheduler": {INTERNAL_TOKEN, ADMIN_KEYS, HOSTED_API_KEY},
+    "scheduler": {INTERNAL_TOKEN, ADMIN_KEYS, HOSTED_API_KEY, REDIS_PASSWORD},
     "cache": {INTERNAL_TOKEN, REDIS_PASSWORD},
     "billing": {INTERNAL_TOKEN, ADMIN_KEYS, REDIS_PASSWORD},
     "redis": {REDIS_PASSWORD},
@@ -69,6 +69,8 @@ EXPECTED_CALLS = {
     ("router", "cache", "grpc"),
     ("router", "billing", "grpc"),
     ("scheduler", "billing", "grpc"),  # RecordPoolUsage
+    ("scheduler", "redis", "redis"),  # scale-out: membership, node slots, leases, claims
+    ("scheduler", "scheduler", "grpc"),  # EnsureLoaded to the pool's placement leader
     ("router", "redis", "redis"),
     ("cache", "redis", "redis"),
     ("billing", "redis", "redis"),
