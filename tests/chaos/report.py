@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from shepherd.billing.v1 import billing_pb2
+
+from tests.chaos.load import Outcome, failures_by_status
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,39 @@ class FaultRow:
     down_s: float  # from the kill until the component served again
     recovery_s: float | None  # from its return to the first success of a later request
     last_failure_after_return_s: float | None
+
+    @classmethod
+    def of(
+        cls,
+        fault: str,
+        outcomes: Sequence[Outcome],
+        usage: billing_pb2.GetTenantUsageResponse,
+        billed: set[str],
+        *,
+        down_s: float,
+        recovery_s: float | None,
+        last_failure_after_return_s: float | None,
+    ) -> FaultRow:
+        """The row of a fault from what the callers saw (`outcomes`) and what the ledger holds
+        (`usage`, and the request ids it `billed`)."""
+        answered = [o for o in outcomes if o.ok]
+        return cls(
+            fault=fault,
+            requests=len(outcomes),
+            answered=len(answered),
+            failed=failures_by_status([o for o in outcomes if not o.ok]),
+            failed_attempts=failures_by_status(outcomes),
+            answered_twice=sum(o.answers - 1 for o in answered)
+            + sum(o.answered_id != o.request_id for o in answered),
+            billed_twice=usage.requests - len(billed),
+            thrown_away=sum(a.thrown_away for o in outcomes for a in o.attempts),
+            lost_answers=len(billed - {o.request_id for o in answered}),
+            ledger_nano=usage.cost.nano_usd,
+            answered_nano=sum(o.cost_nano for o in answered),
+            down_s=down_s,
+            recovery_s=recovery_s,
+            last_failure_after_return_s=last_failure_after_return_s,
+        )
 
 
 @dataclass

@@ -31,7 +31,7 @@ from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 
 from deploy.local.launcher import LocalMesh, Replica
 from libs.apikeys import issue_key_at
-from tests.chaos.load import Load, Outcome, failures_by_status
+from tests.chaos.load import Load, Outcome
 from tests.chaos.report import ChaosReport, FaultRow
 
 FAULTS = ("valkey", "triton", "billing", "cache", "scheduler", "router")
@@ -105,19 +105,11 @@ async def test_a_killed_component_loses_no_answer_and_bills_nothing_twice(
         for a in o.attempts
         if a.code != grpc.StatusCode.OK and a.ended > returned
     ]
-    row = FaultRow(
-        fault=fault,
-        requests=len(outcomes),
-        answered=len(answered),
-        failed=failures_by_status([o for o in outcomes if not o.ok]),
-        failed_attempts=failures_by_status(outcomes),
-        answered_twice=sum(o.answers - 1 for o in answered)
-        + sum(o.answered_id != o.request_id for o in answered),
-        billed_twice=usage.requests - len(ids),
-        thrown_away=sum(a.thrown_away for o in outcomes for a in o.attempts),
-        lost_answers=len(ids - {o.request_id for o in answered}),
-        ledger_nano=usage.cost.nano_usd,
-        answered_nano=sum(o.cost_nano for o in answered),
+    row = FaultRow.of(
+        fault,
+        outcomes,
+        usage,
+        ids,
         down_s=returned - killed,
         recovery_s=min(a.ended for a in after) - returned if after else None,
         last_failure_after_return_s=max(late_failures) if late_failures else None,

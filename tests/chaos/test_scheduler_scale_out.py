@@ -33,7 +33,7 @@ from deploy.local.launcher import LocalMesh
 from libs.apikeys import issue_key_at
 from libs.credentials import Credentials
 from libs.peers import open_channel
-from tests.chaos.load import Load, failures_by_status
+from tests.chaos.load import Load
 from tests.chaos.report import ChaosReport, FaultRow
 from tests.chaos.test_faults import billed_ids, ledger_of, settled
 from tests.support.mesh import running_mesh
@@ -110,19 +110,11 @@ async def test_killing_a_models_owner_moves_it_within_5s_and_runs_nothing_twice(
     await settled(mesh, tenant, answered)
     usage = await ledger_of(mesh, tenant)
     ids = await billed_ids(mesh, tenant)
-    row = FaultRow(
-        fault="scheduler owner (scale-out)",
-        requests=len(outcomes),
-        answered=len(answered),
-        failed=failures_by_status([o for o in outcomes if not o.ok]),
-        failed_attempts=failures_by_status(outcomes),
-        answered_twice=sum(o.answers - 1 for o in answered)
-        + sum(o.answered_id != o.request_id for o in answered),
-        billed_twice=usage.requests - len(ids),
-        thrown_away=sum(a.thrown_away for o in outcomes for a in o.attempts),
-        lost_answers=len(ids - {o.request_id for o in answered}),
-        ledger_nano=usage.cost.nano_usd,
-        answered_nano=sum(o.cost_nano for o in answered),
+    row = FaultRow.of(
+        "scheduler owner (scale-out)",
+        outcomes,
+        usage,
+        ids,
         down_s=0.0,
         recovery_s=min(served_after) if served_after else None,
         last_failure_after_return_s=None,

@@ -102,6 +102,16 @@ def triton_counts(client: tritonclient.InferenceServerClient, model: str) -> Tri
     )
 
 
+def loaded_on(node: TritonNode) -> set[str]:
+    """The models Triton itself reports READY on `node` (its repository index)."""
+    client = tritonclient.InferenceServerClient(node.config.grpc_url)
+    try:
+        index = client.get_model_repository_index(as_json=True)
+    finally:
+        client.close()
+    return {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+
+
 def start_node(work_dir: Path, repository: Path, load: Sequence[str] = ()) -> TritonNode:
     """One Triton node in explicit model-control mode with `load` loaded at start."""
     node = TritonNode(

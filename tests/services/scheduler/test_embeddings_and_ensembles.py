@@ -39,6 +39,7 @@ from tests.support.scheduler import (
     copy_model,
     infer_request,
     internal_channel,
+    loaded_on,
     start_node,
     stub,
     triton_counts,
@@ -80,16 +81,6 @@ def with_rag(data: dict[str, Any], ensemble: str, generator: str) -> dict[str, A
     ]
     assert deployment["model"] == ensemble
     return data
-
-
-def loaded_on(node: TritonNode) -> set[str]:
-    """The models Triton itself reports READY."""
-    client = triton_sync.InferenceServerClient(node.config.grpc_url)
-    try:
-        index = client.get_model_repository_index(as_json=True)
-    finally:
-        client.close()
-    return {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
 
 
 def rag_request(request_id: str, question: str, max_tokens: int = 8) -> scheduler_pb2.InferRequest:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tritonclient.grpc as triton_sync
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from deploy.local.triton import TritonNode
@@ -25,6 +24,7 @@ from tests.support.scheduler import (
     copy_model,
     infer_request,
     internal_channel,
+    loaded_on,
     model_repository,
     start_node,
 )
@@ -57,16 +57,6 @@ def scheduler(tmp_path: Path, node: TritonNode) -> Iterator[SchedulerProcess]:
     process = SchedulerProcess(tmp_path / "scheduler", data).start()
     yield process
     process.stop()
-
-
-def loaded_on(node: TritonNode) -> set[str]:
-    """The models Triton itself reports READY."""
-    client = triton_sync.InferenceServerClient(node.config.grpc_url)
-    try:
-        index = client.get_model_repository_index(as_json=True)
-    finally:
-        client.close()
-    return {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
 
 
 async def test_loads_on_first_use_evicts_the_idle_lru_model_and_never_a_busy_one(

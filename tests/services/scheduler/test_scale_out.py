@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import tritonclient.grpc as triton_sync
 from shepherd.scheduler.v1 import scheduler_pb2
 
 from deploy.local.triton import TritonNode
@@ -40,22 +39,13 @@ from tests.support.scheduler import (
     catalog,
     copy_model,
     infer_request,
+    loaded_on,
     model_repository,
     start_node,
 )
 
 LOAD = scheduler_pb2.PLACEMENT_ACTION_LOAD
 UNLOAD = scheduler_pb2.PLACEMENT_ACTION_UNLOAD
-
-
-def loaded_on(node: TritonNode) -> set[str]:
-    """The models Triton itself reports READY."""
-    client = triton_sync.InferenceServerClient(node.config.grpc_url)
-    try:
-        index = client.get_model_repository_index(as_json=True)
-    finally:
-        client.close()
-    return {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
 
 
 async def infer(
