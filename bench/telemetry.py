@@ -85,6 +85,32 @@ MESH_START_TIMEOUT_S = 240.0
 OUTPUT = REPO_ROOT / ".build" / "bench" / "telemetry.json"
 RUN_DIR = REPO_ROOT / ".build" / "bench" / "telemetry-run"
 COMPONENTS = (*SERVICES, "triton", "collector")
+# A service's threads, in three kinds (see `thread_cpu_s`).
+THREAD_KINDS = ("loop", "python", "grpc")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds a service's threads have used so far, by kind: `loop` (the main thread: the
+    event loop, where requests are served), `python` (Python's other threads: the span
+    exporter's, the metrics readers', the /metrics server's) and `grpc` (gRPC core's own
+    threads). Where telemetry costs shows here: in a request's path, or beside it."""
+    used = dict.fromkeys(THREAD_KINDS, 0.0)
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return used
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        kind = "loop" if int(tid) == pid else "grpc" if name == "event_engine" else "python"
+        used[kind] += seconds
+    return used
 
 
 def mode_env(mode: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -139,6 +165,9 @@ class Meter:
             used[f"{mode}/triton"] = process_cpu_s(process_group_members(pgid) if pgid else [])
             collector = [mesh.collector.pid] if mesh.collector is not None else []
             used[f"{mode}/collector"] = process_cpu_s(collector)
+            for name in SERVICES:
+                for kind, seconds in thread_cpu_s(mesh.services[name].pid).items():
+                    used[f"{mode}/{name}:{kind}"] = seconds
         return used
 
     def check_alive(self) -> None:
@@ -203,6 +232,11 @@ class ModeRounds:
         ok = sum(self.round_ok[r] for r in rounds)
         return cpu * 1000.0 / ok if ok else 0.0
 
+    def threads_ms(self) -> dict[str, float]:
+        """CPU ms per answer of each service's threads by kind, keyed `<service>:<kind>`."""
+        keys = [f"{name}:{kind}" for name in SERVICES for kind in THREAD_KINDS]
+        return {key: round(self.component_ms(key), 3) for key in keys}
+
     def component_ms(self, component: str) -> float:
         ok = sum(self.round_ok)
         cpu = sum(r.get(component, 0.0) for r in self.round_cpu_s)
@@ -227,6 +261,8 @@ class Verdict:
     median_overhead: float  # the median over rounds of (on - off) / off: judged
     components_off_ms: dict[str, float]
     components_on_ms: dict[str, float]
+    threads_off_ms: dict[str, float]
+    threads_on_ms: dict[str, float]
     p50_off_ms: float | None
     p50_on_ms: float | None
     holds: bool
@@ -306,6 +342,8 @@ async def measure_path(
         median_overhead=round(median, 4),
         components_off_ms={c_: round(off.component_ms(c_), 3) for c_ in COMPONENTS},
         components_on_ms={c_: round(on.component_ms(c_), 3) for c_ in COMPONENTS},
+        threads_off_ms=off.threads_ms(),
+        threads_on_ms=on.threads_ms(),
         p50_off_ms=off.p50_ms(),
         p50_on_ms=on.p50_ms(),
         holds=median <= TARGET_OVERHEAD,
@@ -336,6 +374,21 @@ def per_component_table(verdicts: Sequence[Verdict]) -> str:
     for v in verdicts:
         for mode, figures in (("off", v.components_off_ms), ("on", v.components_on_ms)):
             cells = " | ".join(f"{figures[c]:.3f}" for c in COMPONENTS)
+            lines.append(f"| {v.path} | {v.concurrency} | {mode} | {cells} |")
+    return "\n".join(lines)
+
+
+def per_thread_table(verdicts: Sequence[Verdict]) -> str:
+    """CPU ms per request of the services' threads, by kind (`thread_cpu_s`)."""
+    services = ("router", "scheduler", "billing")
+    kinds = [f"{name}:{kind}" for name in services for kind in THREAD_KINDS]
+    lines = [
+        "| path | conc | mode | " + " | ".join(kinds) + " |",
+        "|---|---:|---|" + "---:|" * len(kinds),
+    ]
+    for v in verdicts:
+        for mode, figures in (("off", v.threads_off_ms), ("on", v.threads_on_ms)):
+            cells = " | ".join(f"{figures[k]:.3f}" for k in kinds)
             lines.append(f"| {v.path} | {v.concurrency} | {mode} | {cells} |")
     return "\n".join(lines)
 
@@ -431,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verdicts:
         print("\n" + table(verdicts))
         print("\nCPU ms per request by process:\n" + per_component_table(verdicts))
+        print("\nCPU ms per request by thread:\n" + per_thread_table(verdicts))
         worst = max(verdicts, key=lambda v: v.median_overhead)
         print(
             f"\nVERDICT telemetry: target {'HOLDS' if holds else 'NOT MET'} (mesh CPU per request"
