@@ -163,9 +163,15 @@ class Replica:
 
 
 def wait_serving(
-    name: str, proc: subprocess.Popen[bytes], address: str, log_path: Path, deadline: float
+    name: str,
+    proc: subprocess.Popen[bytes],
+    address: str,
+    log_path: Path,
+    deadline: float,
+    health_name: str = "",
 ) -> None:
-    """Wait until the service at `address` reports SERVING; fail with its log if it cannot."""
+    """Wait until the service at `address` reports SERVING (for `health_name`: "" is its
+    readiness, `libs.health.LIVENESS` its being up); fail with its log if it cannot."""
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
@@ -174,7 +180,9 @@ def wait_serving(
                     f"the {name} service exited with status {proc.returncode}:\n" + tail(log_path)
                 )
             try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                response = stub.Check(
+                    health_pb2.HealthCheckRequest(service=health_name), timeout=1.0
+                )
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

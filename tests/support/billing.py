@@ -14,12 +14,13 @@ from pathlib import Path
 
 import grpc
 import redis.asyncio as redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from shepherd.billing.v1 import billing_pb2, billing_pb2_grpc
 from shepherd.common.v1 import common_pb2
 
+from deploy.local.launcher import wait_serving
 from deploy.local.ports import free_port
-from deploy.local.processes import spawn, stop, tail
+from deploy.local.processes import spawn, stop
 from libs.accounts import Accounts
 from libs.catalog import load_catalog
 from libs.config import DEFAULT_CATALOG
@@ -112,22 +113,13 @@ class BillingProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._env},
             log_path=self.log_path,
         )
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError("billing exited:\n" + tail(self.log_path))
-                try:
-                    request = health_pb2.HealthCheckRequest(service="")
-                    if health.Check(request, timeout=1).status == SERVING:
-                        return self
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("billing never became ready:\n" + tail(self.log_path))
-                time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + timeout_s
+            wait_serving("billing", self._process, self.address, self.log_path, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self._process is not None:

@@ -22,11 +22,11 @@ from typing import Any
 import grpc
 import tritonclient.grpc as tritonclient
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shepherd.common.v1 import common_pb2
 from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from deploy.local.launcher import wait_serving
 from deploy.local.ports import free_port
 from deploy.local.processes import spawn, stop, tail
 from deploy.local.triton import DEFAULT_MODEL_REPOSITORY, TritonNode, TritonNodeConfig
@@ -207,27 +207,16 @@ class SchedulerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self._env},
             log_path=self.log_path,
         )
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError("the scheduler exited:\n" + tail(self.log_path))
-                try:
-                    # Up, not ready: a test may start a scheduler whose backends are down.
-                    if (
-                        health.Check(
-                            health_pb2.HealthCheckRequest(service=LIVENESS), timeout=1
-                        ).status
-                        == health_pb2.HealthCheckResponse.SERVING
-                    ):
-                        return self
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("the scheduler never came up:\n" + tail(self.log_path))
-                time.sleep(0.05)
+        try:
+            # Up, not ready: a test may start a scheduler whose backends are down.
+            deadline = time.monotonic() + timeout_s
+            wait_serving(
+                "scheduler", self._process, self.address, self.log_path, deadline, LIVENESS
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     @property
     def process(self) -> subprocess.Popen[bytes] | None:
