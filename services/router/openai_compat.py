@@ -226,12 +226,8 @@ def _request_id(headers: Mapping[str, str], new_id: str) -> tuple[str, str]:
     return new_id, IDEMPOTENCY_HEADER
 
 
-def parse_chat(body: bytes, headers: Mapping[str, str], new_id: str) -> ChatCall:
-    """Read a chat request; every problem is reported at once, as a 400 naming the first.
-
-    `headers` must look names up case-insensitively (aiohttp's do; tests pass lower case).
-    `new_id` is the request id used when the caller sends no idempotency key.
-    """
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or INVALID_ARGUMENT (a 400) saying why not."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -240,6 +236,16 @@ def parse_chat(body: bytes, headers: Mapping[str, str], new_id: str) -> ChatCall
         ) from None
     if not isinstance(data, dict):
         raise invalid_argument([("body", "must be a JSON object")])
+    return data
+
+
+def parse_chat(body: bytes, headers: Mapping[str, str], new_id: str) -> ChatCall:
+    """Read a chat request; every problem is reported at once, as a 400 naming the first.
+
+    `headers` must look names up case-insensitively (aiohttp's do; tests pass lower case).
+    `new_id` is the request id used when the caller sends no idempotency key.
+    """
+    data = _json_object(body)
     violations: list[tuple[str, str]] = []
     model = data.get("model")
     if not isinstance(model, str) or not model:
@@ -661,14 +667,7 @@ def parse_embed(body: bytes, headers: Mapping[str, str], new_id: str) -> EmbedCa
     (what the openai SDK asks for unless told otherwise: little-endian float32, as OpenAI
     sends it). `dimensions` is refused: the catalog's models have one size each.
     """
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid_argument(
-            [("body", "we could not parse the JSON body of your request")]
-        ) from None
-    if not isinstance(data, dict):
-        raise invalid_argument([("body", "must be a JSON object")])
+    data = _json_object(body)
     violations: list[tuple[str, str]] = []
     model = data.get("model")
     if not isinstance(model, str) or not model:
