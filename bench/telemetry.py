@@ -49,7 +49,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -366,31 +366,40 @@ def table(verdicts: Sequence[Verdict]) -> str:
     return "\n".join(lines)
 
 
-def per_component_table(verdicts: Sequence[Verdict]) -> str:
+def _by_mode_table(
+    verdicts: Sequence[Verdict],
+    columns: Sequence[str],
+    figures: Callable[[Verdict, str], Mapping[str, float]],
+) -> str:
+    """One row per path and mode ("off", "on"), `columns` of CPU ms per request."""
     lines = [
-        "| path | conc | mode | " + " | ".join(COMPONENTS) + " |",
-        "|---|---:|---|" + "---:|" * len(COMPONENTS),
+        "| path | conc | mode | " + " | ".join(columns) + " |",
+        "|---|---:|---|" + "---:|" * len(columns),
     ]
     for v in verdicts:
-        for mode, figures in (("off", v.components_off_ms), ("on", v.components_on_ms)):
-            cells = " | ".join(f"{figures[c]:.3f}" for c in COMPONENTS)
+        for mode in ("off", "on"):
+            row = figures(v, mode)
+            cells = " | ".join(f"{row[c]:.3f}" for c in columns)
             lines.append(f"| {v.path} | {v.concurrency} | {mode} | {cells} |")
     return "\n".join(lines)
+
+
+def per_component_table(verdicts: Sequence[Verdict]) -> str:
+    return _by_mode_table(
+        verdicts,
+        COMPONENTS,
+        lambda v, mode: v.components_on_ms if mode == "on" else v.components_off_ms,
+    )
 
 
 def per_thread_table(verdicts: Sequence[Verdict]) -> str:
     """CPU ms per request of the services' threads, by kind (`thread_cpu_s`)."""
     services = ("router", "scheduler", "billing")
-    kinds = [f"{name}:{kind}" for name in services for kind in THREAD_KINDS]
-    lines = [
-        "| path | conc | mode | " + " | ".join(kinds) + " |",
-        "|---|---:|---|" + "---:|" * len(kinds),
-    ]
-    for v in verdicts:
-        for mode, figures in (("off", v.threads_off_ms), ("on", v.threads_on_ms)):
-            cells = " | ".join(f"{figures[k]:.3f}" for k in kinds)
-            lines.append(f"| {v.path} | {v.concurrency} | {mode} | {cells} |")
-    return "\n".join(lines)
+    return _by_mode_table(
+        verdicts,
+        [f"{name}:{kind}" for name in services for kind in THREAD_KINDS],
+        lambda v, mode: v.threads_on_ms if mode == "on" else v.threads_off_ms,
+    )
 
 
 async def run_all(
