@@ -38,9 +38,12 @@ gen: $(GEN_STAMP)
 run: gen
 	$(BIN)/python -m deploy.local.launcher
 
-# Lint first (cheap, and keeps the contracts buf-clean), then the whole suite against real servers.
+# Lint first (cheap, and keeps the contracts buf-clean), then the whole suite against real servers,
+# on TEST_WORKERS pytest-xdist workers, each taking whole test files (their servers are per
+# file). One worker ran it in 9.4 minutes here, two in 5.3; TEST_WORKERS=0 runs it in-process.
+TEST_WORKERS ?= 2
 test: gen lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
