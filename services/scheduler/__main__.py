@@ -169,6 +169,7 @@ async def serve() -> None:
             triton.metering,
             cluster,
             replica_id=config.cluster.replica_id or config.server.address,
+            stream_interval_s=config.stream_interval_s,
         ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
     )

@@ -44,6 +44,9 @@ class SchedulerConfig:
     # explicitly (SHEPHERD_BILLING_ADDR); empty: the pools' hourly figures are not kept.
     billing_addr: str = ""
     pool_usage_interval_s: float = 1.0
+    # A stream's deltas go at most this often (events.py EventChannel.deltas); 0: each as soon
+    # as it is ready.
+    stream_interval_s: float = 0.0
     # Scale-out across replicas (services/scheduler/cluster.py); off unless a cluster is named.
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -111,6 +114,8 @@ class SchedulerConfig:
             pool_usage_interval_s=env_float(
                 "SHEPHERD_SCHEDULER_POOL_USAGE_INTERVAL_S", 1.0, minimum=0.01, env=env
             ),
+            stream_interval_s=env_float("SHEPHERD_STREAM_INTERVAL_MS", 20.0, minimum=0.0, env=env)
+            / 1000,
             cluster=cluster_config(server, env),
         )
 

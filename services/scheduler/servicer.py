@@ -111,8 +111,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         metering: Callable[[str], tuple[int, int]] | None = None,
         cluster: Cluster | None = None,
         replica_id: str = "",
+        stream_interval_s: float = 0.0,
     ) -> None:
         self._cluster = cluster
+        self._stream_interval_s = stream_interval_s
         self._replica_id = cluster.replica_id if cluster is not None else replica_id
         self._catalog = catalog
         self._admission = admission
@@ -215,7 +217,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             await self._admission.admit(model, item)
             async with asyncio.timeout(timeout_s):
                 if item.deltas:
-                    async for delta in channel.deltas():
+                    async for delta in channel.deltas(self._stream_interval_s):
                         yield scheduler_pb2.InferStreamResponse(
                             delta=common_pb2.CompletionDelta(text=delta.text, usage=delta.usage)
                         )
