@@ -73,7 +73,9 @@ async def serve() -> None:
     def placer_for(pool: Pool) -> Placer | None:
         if pool.model_control != "explicit":
             return None
-        placer = Placer(config.placement, cluster, leader)
+        # The Triton backend (below) is made after the pools; its meters are read before an
+        # unload, when the placer calls this.
+        placer = Placer(config.placement, cluster, leader, settle=lambda *key: triton.settle(*key))
         placers.append(placer)
         return placer
 

@@ -206,6 +206,20 @@ class ExecutionMeter:
             self._unserved.remove(batch)
         batch.execution_us.cancel()
 
+    async def settled(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, until every batch that ended has its time.
+
+        Why: a model's counters go with it when it is unloaded, so a read after that cannot
+        see the batches that ended just before; placement waits for this first (placement.py).
+        """
+        waiting = [
+            batch.execution_us
+            for batch in self._unserved
+            if batch.ended is not None and not batch.execution_us.done()
+        ]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
+
     def _ended(self) -> bool:
         return any(batch.ended is not None for batch in self._unserved)
 

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -89,8 +90,12 @@ class Placer:
         config: PlacementConfig,
         cluster: Cluster | None = None,
         leader: LeaderClient | None = None,
+        settle: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self._config = config
+        # Awaited before a model is unloaded from a node (address, model): the GPU meter's
+        # last read of its counters (TritonBackend.settle), which go with the model.
+        self._settle = settle
         self._cluster = cluster
         self._leader = leader
         # Scale-out, not leading: the models this replica is asking the leader for now, and
@@ -373,6 +378,8 @@ class Placer:
 
     async def _unload(self, node: Node, victim: ModelOnNode, reason: str) -> bool:
         started = time.monotonic()
+        if self._settle is not None:
+            await self._settle(node.address, victim.name)
         try:
             await node.client.unload_model(
                 victim.name, client_timeout=self._config.unload_timeout_s

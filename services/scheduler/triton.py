@@ -70,6 +70,8 @@ EMBEDDING = "EMBEDDING"  # the output that makes a model an embedding model
 # The longest a batch's answers wait for its GPU time (normally one statistics read, about a
 # millisecond) before they go without it.
 ATTRIBUTION_WAIT_S = 2.0
+# How long an unload waits for the model's last batches to have their GPU time read.
+SETTLE_TIMEOUT_S = 2.0
 _ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -249,6 +251,14 @@ class TritonBackend:
         """(statistics reads, batches measured) on one node since start-up, for GetStats."""
         meters = [m for (node, _), m in self._meters.items() if node == address]
         return sum(m.reads for m in meters), sum(m.batches for m in meters)
+
+    async def settle(self, address: str, model: str) -> None:
+        """Before `model` is unloaded from the node at `address`: let its meter read the time
+        of the batches that just ended, while Triton still has the model's counters (at most
+        SETTLE_TIMEOUT_S: an unload is not held up for long by a node that does not answer)."""
+        meter = self._meters.get((address, model))
+        if meter is not None:
+            await meter.settled(SETTLE_TIMEOUT_S)
 
     async def close(self) -> None:
         """Stop every meter's reads; batches still waiting for their time get 0."""
