@@ -229,6 +229,27 @@ def test_tokens_are_counted_on_the_text_not_per_chunk() -> None:
 # -- keys, errors and retries ------------------------------------------------------------------
 
 
+async def test_a_call_nobody_streams_is_one_json_answer_with_the_providers_usage(
+    sim: SimProcess,
+) -> None:
+    client = make_client(sim)
+    try:
+        result = await chat(client)
+    finally:
+        await client.aclose()
+
+    plain = plain_answer(sim, 11)
+    assert result.text == plain["choices"][0]["message"]["content"]
+    assert result.finish_reason == plain["choices"][0]["finish_reason"]
+    assert (result.prompt_tokens, result.completion_tokens) == (
+        plain["usage"]["prompt_tokens"],
+        plain["usage"]["completion_tokens"],
+    )
+    assert not result.estimated and result.upstream_model == plain["model"]
+    s = stats(sim)
+    assert s["streams_started"] == 0, "a caller that reads no deltas is not sent a stream"
+
+
 async def test_empty_key_fails_before_any_request(sim: SimProcess) -> None:
     client = make_client(sim, api_key="", api_key_env="HOLYSHEEP_API_KEY")
     backend = HostedBackend({"sim": client})
