@@ -75,7 +75,12 @@ async def serve() -> None:
             return None
         # The Triton backend (below) is made after the pools; its meters are read before an
         # unload, when the placer calls this.
-        placer = Placer(config.placement, cluster, leader, settle=lambda *key: triton.settle(*key))
+        placer = Placer(
+            config.placement,
+            cluster,
+            leader,
+            settle=lambda address, model: triton.settle(address, model),
+        )
         placers.append(placer)
         return placer
 

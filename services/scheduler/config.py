@@ -46,7 +46,7 @@ class SchedulerConfig:
     pool_usage_interval_s: float = 1.0
     # A stream's deltas go at most this often (events.py EventChannel.deltas); 0: each as soon
     # as it is ready.
-    stream_interval_s: float = 0.0
+    stream_interval_s: float = 0.02
     # Scale-out across replicas (services/scheduler/cluster.py); off unless a cluster is named.
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
