@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 _log = logging.getLogger(__name__)
 
@@ -90,6 +91,21 @@ async def _supervised(
             )
         await asyncio.sleep(backoff_s)
         backoff_s = min(max_backoff_s, backoff_s * 2)
+
+
+def spawn(
+    tasks: set[asyncio.Task[Any]], work: Coroutine[Any, Any, Any], name: str
+) -> asyncio.Task[Any]:
+    """Run `work` as a short-lived task kept in `tasks` until it ends, its failure logged.
+
+    Why the set: the event loop holds only a weak reference to a task, so one nobody keeps
+    may be collected mid-run; the owner keeps them, and can cancel what is left when it stops.
+    """
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(log_failure)
+    return task
 
 
 def log_failure(task: asyncio.Task[object]) -> None:

@@ -52,7 +52,7 @@ from tritonclient.utils import InferenceServerException
 from libs.catalog import Deployment, Pool
 from libs.errors import ShepherdError
 from libs.peers import RECONNECT_OPTIONS
-from libs.tasks import log_failure, supervise
+from libs.tasks import spawn, supervise
 from services.scheduler.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from services.scheduler.cluster import Cluster
 
@@ -483,12 +483,7 @@ class NodePool:
             return
         # Reserved here (so this pump does not hand the slot out twice); the batch gets it
         # once the node's shared semaphore agrees.
-        task = asyncio.get_running_loop().create_task(
-            self._confirm(waiter, lease), name=f"slot:{node.address}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(log_failure)
+        spawn(self._tasks, self._confirm(waiter, lease), f"slot:{node.address}")
 
     async def _confirm(self, waiter: _Waiter, lease: Lease) -> None:
         """Take the slot in Redis; on a refusal give it back here and put the waiter back."""
@@ -744,12 +739,7 @@ class NodePool:
     def _drop(self, node: Node) -> None:
         if self.nodes.get(node.address) is node:
             del self.nodes[node.address]
-            task = asyncio.get_running_loop().create_task(
-                node.client.close(), name=f"close:{node.address}"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(log_failure)
+            spawn(self._tasks, node.client.close(), f"close:{node.address}")
 
 
 def pools_for(

@@ -48,7 +48,7 @@ from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment
 from libs.errors import ShepherdError
-from libs.tasks import log_failure
+from libs.tasks import spawn
 from services.scheduler.cluster import Cluster, LeaderClient
 from services.scheduler.nodes import ModelOnNode, ModelState, Node, NodePool
 from services.scheduler.stats import placement_event
@@ -149,13 +149,11 @@ class Placer:
         for step in arriving:
             node.models[step.model] = ModelOnNode(step.model, step.memory_mb, ModelState.LOADING)
         reason = "first use" if not holders else "hot: every copy is busy"
-        task = asyncio.get_running_loop().create_task(
+        spawn(
+            self._tasks,
             self._load(pool, node, deployment, victims, reason, [s.model for s in arriving]),
-            name=f"load:{name}@{node.address}",
+            f"load:{name}@{node.address}",
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(log_failure)
 
     def _ask_leader(self, pool: NodePool, deployment: Deployment) -> None:
         """Ask the pool's placement leader for the model, once at a time per model."""
@@ -163,12 +161,7 @@ class Placer:
         if name in self._asking or self._leader is None:
             return
         self._asking.add(name)
-        task = asyncio.get_running_loop().create_task(
-            self._asked(pool, name), name=f"ensure:{name}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(log_failure)
+        spawn(self._tasks, self._asked(pool, name), f"ensure:{name}")
 
     async def _asked(self, pool: NodePool, name: str) -> None:
         assert self._leader is not None
