@@ -80,19 +80,11 @@ def bench_catalog(path: Path, models: int) -> Path:
     return path
 
 
-async def assignments(mesh: LocalMesh, address: str) -> scheduler_pb2.GetAssignmentsResponse:
-    credentials = Credentials(internal_tokens=(mesh.config.internal_token,), admin_keys=())
-    async with open_channel(address, credentials) as channel:
-        return await scheduler_pb2_grpc.SchedulerServiceStub(channel).GetAssignments(
-            scheduler_pb2.GetAssignmentsRequest(), timeout=5
-        )
-
-
 async def wait_members(mesh: LocalMesh, count: int) -> None:
     """Until the first replica sees `count` members, then a little more: the router polls
     every 0.5 s."""
     deadline = time.monotonic() + 60
-    while len((await assignments(mesh, mesh.address("scheduler"))).members) != count:
+    while len((await mesh.scheduler_assignments(mesh.address("scheduler"))).members) != count:
         if time.monotonic() > deadline:
             raise BenchError(f"the cluster never reached {count} replicas")
         await asyncio.sleep(0.1)
@@ -210,7 +202,7 @@ async def measured(args: argparse.Namespace, run_dir: Path) -> list[dict[str, An
             if replicas > 1:
                 await asyncio.to_thread(mesh.add_scheduler)
                 await wait_members(mesh, replicas)
-            view = await assignments(mesh, mesh.address("scheduler"))
+            view = await mesh.scheduler_assignments(mesh.address("scheduler"))
             owners = Counter(a.replica_id for a in view.models if a.model in models)
             row = await closed_loop(
                 mesh, api_key, models, args.concurrency, args.seconds, f"r{replicas}"

@@ -39,6 +39,7 @@ from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from deploy.local.ports import LOCALHOST, free_port, free_ports
 from deploy.local.processes import spawn, stop, tail
@@ -53,6 +54,8 @@ from libs.config import (
     REPO_ROOT,
     env_int,
 )
+from libs.credentials import Credentials
+from libs.peers import open_channel
 
 SERVICES = ("billing", "cache", "scheduler", "router")
 LOCAL_POOL = "local"
@@ -217,6 +220,15 @@ class LocalMesh:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.config.service_ports[service]}"
+
+    async def scheduler_assignments(self, address: str) -> scheduler_pb2.GetAssignmentsResponse:
+        """What the scheduler replica at `address` says of the cluster: its members and who
+        owns which model (SchedulerService/GetAssignments, with the mesh's service token)."""
+        credentials = Credentials(internal_tokens=(self.config.internal_token,), admin_keys=())
+        async with open_channel(address, credentials) as channel:
+            return await scheduler_pb2_grpc.SchedulerServiceStub(channel).GetAssignments(
+                scheduler_pb2.GetAssignmentsRequest(), timeout=5
+            )
 
     @property
     def http_address(self) -> str:

@@ -27,12 +27,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+from shepherd.scheduler.v1 import scheduler_pb2
 
 from deploy.local.launcher import LocalMesh
 from libs.apikeys import issue_key_at
-from libs.credentials import Credentials
-from libs.peers import open_channel
 from tests.chaos.load import Load
 from tests.chaos.report import ChaosReport, FaultRow
 from tests.chaos.test_faults import billed_ids, ledger_of, settled
@@ -56,21 +54,13 @@ def cluster_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh
         yield mesh
 
 
-async def view_of(mesh: LocalMesh, address: str) -> scheduler_pb2.GetAssignmentsResponse:
-    credentials = Credentials(internal_tokens=(mesh.config.internal_token,), admin_keys=())
-    async with open_channel(address, credentials) as channel:
-        return await scheduler_pb2_grpc.SchedulerServiceStub(channel).GetAssignments(
-            scheduler_pb2.GetAssignmentsRequest(), timeout=5
-        )
-
-
 async def members(
     mesh: LocalMesh, address: str, count: int
 ) -> scheduler_pb2.GetAssignmentsResponse:
     deadline = time.monotonic() + 60
     while True:
         try:
-            view = await view_of(mesh, address)
+            view = await mesh.scheduler_assignments(address)
             if len(view.members) == count:
                 return view
         except grpc.aio.AioRpcError:
