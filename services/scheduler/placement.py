@@ -295,14 +295,17 @@ class Placer:
                     self._backoff[(node.address, name)] = (
                         time.monotonic() + self._config.failed_load_backoff_s
                     )
-                    if "StatusCode.UNAVAILABLE" == error.status():
+                    down = "StatusCode.UNAVAILABLE" == error.status()
+                    if down:
                         node.failed(f"load {name}: {error.message()}", pool.health)
-                    else:
-                        self._refusals[(node.address, name)] = error.message()
                     self._record(node, name, LOAD_FAILED, error.message(), started)
                     # Triton may have loaded some steps before the ensemble failed: keep
-                    # those it reports ready (they take memory), forget the others.
+                    # those it reports ready (they take memory), forget the others. Before
+                    # the refusal is known, since it fails the waiting requests: a caller
+                    # told "no" then finds the node's books already true.
                     await self._settle_steps(node, name, arriving, started)
+                    if not down:
+                        self._refusals[(node.address, name)] = error.message()
                     return
                 self._refusals.pop((node.address, name), None)
                 if self._cluster is not None:
