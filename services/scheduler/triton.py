@@ -50,6 +50,7 @@ from tritonclient.utils import InferenceServerException
 
 from libs.catalog import Deployment
 from libs.errors import ShepherdError
+from libs.tasks import spawn
 from libs.telemetry import sampled_trace_headers
 from services.scheduler.events import Delta, Event, Failed, Final, usage
 from services.scheduler.gputime import ExecutionMeter, Metered, split
@@ -72,6 +73,8 @@ EMBEDDING = "EMBEDDING"  # the output that makes a model an embedding model
 ATTRIBUTION_WAIT_S = 2.0
 # How long an unload waits for the model's last batches to have their GPU time read.
 SETTLE_TIMEOUT_S = 2.0
+# How long a stream whose rows all ended is given to send Triton's final response.
+DRAIN_S = 5.0
 _ROLE_TAGS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
@@ -246,6 +249,8 @@ class TritonBackend:
         self._usage = usage
         self._batch_prefix = secrets.token_hex(4)
         self._batch_numbers = itertools.count(1)
+        # Streams whose rows all ended, read to their end in the background (`_drain`).
+        self._closing: set[asyncio.Task[Any]] = set()
 
     def metering(self, address: str) -> tuple[int, int]:
         """(statistics reads, batches measured) on one node since start-up, for GetStats."""
@@ -261,7 +266,11 @@ class TritonBackend:
             await meter.settled(SETTLE_TIMEOUT_S)
 
     async def close(self) -> None:
-        """Stop every meter's reads; batches still waiting for their time get 0."""
+        """Stop every meter's reads (batches still waiting for their time get 0) and every
+        stream still being read to its end."""
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         for meter in self._meters.values():
             await meter.close()
 
@@ -523,8 +532,14 @@ class TritonBackend:
                         yielded = True
                         done.append((row, reason))
         finally:
-            # Stops the model's decoding when rows remain (a no-op once the stream ended).
-            responses.cancel()
+            if all(finished):
+                # Every row ended: Triton ends the stream after its final response. Read that
+                # off the answer's path rather than cancel the stream: a request cancelled
+                # before Triton released it leaves no trace of Triton's spans.
+                spawn(self._closing, _drain(responses), f"drain:{address}")
+            else:
+                # Stops the model's decoding for the rows that remain.
+                responses.cancel()
             if ran or yielded:
                 self._end(meter, lease, metered)
             else:
@@ -603,6 +618,18 @@ async def _next_step(
             )
         )
     return tuple(column.reshape(-1) for column in columns)
+
+
+async def _drain(responses: Any) -> None:
+    """Read a finished stream to its end (at most DRAIN_S), then release it."""
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            while await _read(responses) is not None:
+                pass
+    except (TimeoutError, grpc.aio.AioRpcError, InferenceServerException):
+        pass  # the answer went long ago; only the stream's end is lost
+    finally:
+        responses.cancel()
 
 
 async def _read(responses: Any) -> tuple[Any, Any] | None:
