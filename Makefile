@@ -13,7 +13,7 @@ PTH = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["p
 
 .PHONY: all venv gen run test bench bench-batching bench-quota bench-hosted bench-streaming \
 	bench-gateway bench-grpc-floor bench-single-flight bench-soak bench-http-edge bench-http-stacks \
-	bench-cost bench-embeddings bench-telemetry bench-scale-out lint fmt clean
+	bench-cost bench-embeddings bench-telemetry bench-spans bench-scale-out lint fmt clean
 
 all: gen
 
@@ -48,7 +48,7 @@ test: gen lint
 # Every benchmark; each prints a table and writes .build/bench/<name>.json (docs/BENCHMARKS.md).
 bench: bench-batching bench-quota bench-hosted bench-streaming bench-gateway bench-grpc-floor \
 	bench-single-flight bench-soak bench-http-edge bench-http-stacks bench-cost bench-embeddings \
-	bench-telemetry bench-scale-out
+	bench-telemetry bench-spans bench-scale-out
 
 # Dynamic batching against one-at-a-time dispatch through the scheduler, on a real local Triton
 # node.
@@ -103,6 +103,10 @@ bench-soak: gen
 # Two meshes side by side, about 3 minutes (TELEMETRY_ARGS='--requests 4000' to change).
 bench-telemetry: gen
 	$(BIN)/python -m bench.telemetry $(TELEMETRY_ARGS)
+# What one span costs to record and to encode: OpenTelemetry's SDK against libs/spans.py and
+# libs/otlp_spans.py, warm and after an idle pause (about 20 s; no target).
+bench-spans: gen
+	$(BIN)/python -m bench.spans
 # The OpenAI-compatible HTTP edge against the gRPC API and direct Triton: added latency at
 # concurrency 1, throughput at 32, and the router's CPU per request (target: HTTP at most 1.3x
 # gRPC's); HTTP_EDGE_ARGS='--requests 4000' to change.
