@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import MappingProxyType
 from typing import Any
 
@@ -181,29 +181,28 @@ def set_tenant(tenant: str) -> None:
     trace.get_current_span().set_attribute("shepherd.tenant", tenant)
 
 
-@contextmanager
 def server_span(
     method: str, metadata: Sequence[tuple[str, str | bytes]] | None
-) -> Iterator[trace.Span]:
+) -> AbstractContextManager[trace.Span]:
     """The span of one RPC this process serves, a child of the caller's span when it sent one.
 
     `method` is the full gRPC method (`/package.Service/Method`). The span is current inside
-    the block, so outbound calls and logs carry its trace.
+    the block, so outbound calls and logs carry its trace (the tracer's context manager,
+    returned as it is).
     """
     carrier = {
         key: value
         for key, value in metadata or ()
         if isinstance(value, str) and len(value) <= MAX_TRACE_HEADER
     }
-    with tracer("shepherd.grpc").start_as_current_span(
+    return tracer("shepherd.grpc").start_as_current_span(
         method,
         context=propagate.extract(carrier),
         kind=SpanKind.SERVER,
         attributes=_rpc_attributes(method),
         record_exception=False,
         set_status_on_exception=False,
-    ) as span:
-        yield span
+    )
 
 
 @functools.cache
