@@ -3,10 +3,10 @@
 Why this exists: a request leaves about five spans in the mesh, and the SDK's span machinery
 (a lock and bounded attributes per span, a second `ReadableSpan` copy at the end, the
 processor fan-out) made spans the largest part of what telemetry costs (docs/BENCHMARKS.md,
-"Telemetry"). Measured on this machine with the SDK 1.45 (`make bench-spans`: a server span and a
-chat span with their attributes), the SDK spends 50-73 us of the event loop's CPU on the pair
-when warm and 235-290 us after a 5 ms idle pause (what every hop sees at concurrency 1),
-against 14 and 125-135 us here.
+"Telemetry"). Measured on this machine with the SDK 1.45 (`make bench-spans`: a server span
+and a chat span with their attributes), the SDK spends 48 us of the event loop's CPU on the
+pair when warm and 256 us after a 5 ms idle pause (what every hop sees at concurrency 1),
+against 13 and 115 us here.
 
 What stays OpenTelemetry's: the API (`opentelemetry.trace`: context, `use_span`, propagators,
 `get_current_span`), the provider's sampler (OTEL_TRACES_SAMPLER is honoured) and id

@@ -158,8 +158,9 @@ def _resource(config: TelemetryConfig) -> Resource:
 class _ProcessResource(Resource):
     """The process's resource, hashed once.
 
-    Why: OpenTelemetry's OTLP encoder groups the spans of every export by resource, hashing
-    the resource once per span, and `Resource.__hash__` serialises all its attributes to JSON
+    Why: OpenTelemetry's OTLP encoder (the OTLP/HTTP exporter's; the gRPC one uses
+    libs/otlp_spans.py) groups the spans of every export by resource, hashing the resource
+    once per span, and `Resource.__hash__` serialises all its attributes to JSON
     each time: measured here, encoding a server span took 24.9 us with OpenTelemetry's
     Resource and 19.3 us with this one, in the exporter's thread (docs/BENCHMARKS.md,
     "Telemetry"). A process's resource never changes once built, so its hash is computed when
