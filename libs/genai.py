@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from opentelemetry import metrics
 from shepherd.common.v1 import common_pb2
 
+from libs import histograms
 from libs.catalog import Deployment
 
 SEMCONV_VERSION = "1.37.0"
@@ -111,11 +111,17 @@ FINISH_REASONS: Mapping[int, str] = {
 }
 
 
-def histogram(meter: metrics.Meter, name: str) -> metrics.Histogram:
-    """The conventions' histogram `name` on `meter`, with its unit, description and buckets."""
+def histogram(scope: str, name: str) -> histograms.Histogram:
+    """The conventions' histogram `name` under the instrumentation scope `scope` (with these
+    conventions' schema URL), with its unit, description and buckets (libs/histograms.py)."""
     unit, description, buckets = METRICS[name]
-    return meter.create_histogram(
-        name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+    return histograms.histogram(
+        scope,
+        name,
+        unit=unit,
+        description=description,
+        boundaries=buckets,
+        schema_url=SCHEMA_URL,
     )
 
 

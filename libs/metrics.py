@@ -3,7 +3,8 @@
 Every service serves its metrics at `http://<SHEPHERD_HOST>:<SHEPHERD_<SERVICE>_METRICS_PORT>/metrics`
 (9461 router, 9462 scheduler, 9463 cache, 9464 billing by default; 0 turns it off) in
 Prometheus' text format. It is OpenTelemetry's Prometheus reader over the process's one meter
-provider, registered in prometheus_client's default registry, so one scrape also returns the
+provider (plus libs/histograms.py's histograms), registered in prometheus_client's default
+registry, so one scrape also returns the
 process' CPU, memory and garbage-collector figures. The same instruments go out over OTLP as
 well when OTEL_EXPORTER_OTLP_ENDPOINT is set. The endpoint is a small threaded HTTP server of
 prometheus_client's, off the event loop: a scrape never delays a request.
@@ -15,7 +16,8 @@ counters get `_total`. So `gen_ai.server.time_to_first_token` (s) is scraped as
 
 Cardinality stays bounded: attributes are methods the server registered, status codes,
 models and deployments from the catalog, tenants, and outcomes from fixed sets; never request
-ids, keys or prompts. The SDK also caps each metric at 2,000 attribute sets.
+ids, keys or prompts. Each metric is also capped at 2,000 attribute sets (the SDK's limit,
+kept by libs/histograms.py).
 
 RPC metrics follow the RPC semantic conventions as OpenTelemetry's gRPC instrumentation
 emits them (semconv v1.37.0 and before): `rpc.server.duration` in milliseconds, with
@@ -29,8 +31,10 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from opentelemetry import metrics
 from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+
+from libs.histograms import PrometheusReader, histogram
 
 RPC_SERVER_DURATION = "rpc.server.duration"
 RPC_BUCKETS_MS = (
@@ -42,16 +46,16 @@ class MetricsListenError(OSError):
     """The /metrics port cannot be bound."""
 
 
-def serve_prometheus(host: str, port: int) -> tuple[MetricReader, WSGIServer]:
-    """A Prometheus reader for the meter provider, and the HTTP server that serves it."""
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+def serve_prometheus(host: str, port: int, resource: Resource) -> tuple[MetricReader, WSGIServer]:
+    """A Prometheus reader for the meter provider (and libs/histograms.py's histograms), and
+    the HTTP server that serves it."""
     from prometheus_client import start_http_server
 
     try:
         server, _thread = start_http_server(port, addr=host)
     except OSError as error:
         raise MetricsListenError(f"cannot serve /metrics on {host}:{port} ({error})") from None
-    return PrometheusMetricReader(), server
+    return PrometheusReader(resource), server
 
 
 def stop_prometheus(server: WSGIServer) -> None:
@@ -68,12 +72,12 @@ class RpcMetrics:
     """
 
     def __init__(self) -> None:
-        meter = metrics.get_meter("shepherd.rpc")
-        self._duration = meter.create_histogram(
+        self._duration = histogram(
+            "shepherd.rpc",
             RPC_SERVER_DURATION,
             unit="ms",
             description="Measures the duration of inbound RPC.",
-            explicit_bucket_boundaries_advisory=RPC_BUCKETS_MS,
+            boundaries=RPC_BUCKETS_MS,
         )
         self._attributes: dict[tuple[str, grpc.StatusCode], dict[str, str | int]] = {}
 

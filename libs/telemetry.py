@@ -33,7 +33,6 @@ from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
     MetricReader,
-    PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -41,7 +40,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from libs import histograms
 from libs.config import TelemetryConfig
+from libs.histograms import OtlpReader
 from libs.logs import bind_tenant
 from libs.metrics import serve_prometheus
 from libs.otlp_spans import OtlpSpanExporter
@@ -113,6 +114,7 @@ def setup_metrics(config: TelemetryConfig) -> MeterProvider | None:
     """
     if not config.enabled:
         return None
+    resource = _resource(config)
     readers: list[MetricReader] = []
     exporters = config.metrics_exporters
     if config.otlp_endpoint and "otlp" in exporters:
@@ -127,9 +129,9 @@ def setup_metrics(config: TelemetryConfig) -> MeterProvider | None:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
             exporter = OTLPMetricExporter(endpoint=config.otlp_endpoint, insecure=True)
-        readers.append(PeriodicExportingMetricReader(exporter))
+        readers.append(OtlpReader(exporter, resource))
     if config.metrics_port and "prometheus" in exporters:
-        reader, _server = serve_prometheus(config.metrics_host, config.metrics_port)
+        reader, _server = serve_prometheus(config.metrics_host, config.metrics_port, resource)
         readers.append(reader)
     # No exemplars unless asked for (OTEL_METRICS_EXEMPLAR_FILTER): Prometheus' text format
     # cannot carry them, and offering one on every measurement in a sampled span costs CPU on
@@ -137,9 +139,8 @@ def setup_metrics(config: TelemetryConfig) -> MeterProvider | None:
     exemplars = (
         None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
     )
-    provider = MeterProvider(
-        resource=_resource(config), metric_readers=readers, exemplar_filter=exemplars
-    )
+    provider = MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplars)
+    histograms.enable(provider)
     metrics.set_meter_provider(provider)
     return provider
 

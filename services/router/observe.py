@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from libs import genai
@@ -36,11 +36,10 @@ if TYPE_CHECKING:
     from services.router.pipeline import ChatEvent, ChatLike, Ending
 
 _access = logging.getLogger("shepherd.access")
-_meter = metrics.get_meter("shepherd.router", schema_url=genai.SCHEMA_URL)
 
 
-_duration = genai.histogram(_meter, genai.CLIENT_OPERATION_DURATION)
-_tokens = genai.histogram(_meter, genai.CLIENT_TOKEN_USAGE)
+_duration = genai.histogram("shepherd.router", genai.CLIENT_OPERATION_DURATION)
+_tokens = genai.histogram("shepherd.router", genai.CLIENT_TOKEN_USAGE)
 # The requested model on the span, cut to this length (it is the caller's string).
 _MAX_MODEL_CHARS = 128
 _OTHER = "_OTHER"  # error.type's and an unknown model's fallback value, as the conventions say

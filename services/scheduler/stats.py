@@ -24,33 +24,40 @@ from typing import Any
 from opentelemetry import metrics
 from shepherd.common.v1 import common_pb2
 
-from libs import genai
+from libs import genai, histograms
 
 _meter = metrics.get_meter("shepherd.scheduler")
-_genai_meter = metrics.get_meter("shepherd.scheduler.genai", schema_url=genai.SCHEMA_URL)
-_batch_size = _meter.create_histogram(
+_batch_size = histograms.histogram(
+    "shepherd.scheduler",
     "shepherd.scheduler.batch.size",
     unit="{request}",
     description="Requests per dispatched batch.",
-    explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 32, 64, 128],
+    boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
 )
-_queue_wait = _meter.create_histogram(
-    "shepherd.scheduler.queue.wait", unit="ms", description="Time a request waited in queue."
+_queue_wait = histograms.histogram(
+    "shepherd.scheduler",
+    "shepherd.scheduler.queue.wait",
+    unit="ms",
+    description="Time a request waited in queue.",
 )
-_dispatch_latency = _meter.create_histogram(
-    "shepherd.scheduler.dispatch.latency", unit="ms", description="Time a batch took to run."
+_dispatch_latency = histograms.histogram(
+    "shepherd.scheduler",
+    "shepherd.scheduler.dispatch.latency",
+    unit="ms",
+    description="Time a batch took to run.",
 )
-_batch_fill = _meter.create_histogram(
+_batch_fill = histograms.histogram(
+    "shepherd.scheduler",
     "shepherd.scheduler.batch.fill",
     unit="1",
     description="Requests per dispatched batch over the model's max batch size.",
-    explicit_bucket_boundaries_advisory=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
 )
 
 
-_request_duration = genai.histogram(_genai_meter, genai.SERVER_REQUEST_DURATION)
-_ttft = genai.histogram(_genai_meter, genai.SERVER_TIME_TO_FIRST_TOKEN)
-_tpot = genai.histogram(_genai_meter, genai.SERVER_TIME_PER_OUTPUT_TOKEN)
+_request_duration = genai.histogram("shepherd.scheduler.genai", genai.SERVER_REQUEST_DURATION)
+_ttft = genai.histogram("shepherd.scheduler.genai", genai.SERVER_TIME_TO_FIRST_TOKEN)
+_tpot = genai.histogram("shepherd.scheduler.genai", genai.SERVER_TIME_PER_OUTPUT_TOKEN)
 _placement = _meter.create_counter(
     "shepherd.scheduler.placement.events", unit="{event}", description="Model loads and unloads."
 )
