@@ -41,6 +41,7 @@ from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
     Metric,
+    MetricReader,
     MetricsData,
     PeriodicExportingMetricReader,
     ResourceMetrics,
@@ -238,31 +239,31 @@ def with_histograms(data: MetricsData | None, resource: Resource) -> MetricsData
     return MetricsData(resource_metrics=[merged, *rest])
 
 
-class PrometheusReader(PrometheusMetricReader):
+class _WithHistograms(MetricReader):
+    """A reader that hands on each of the provider's collections with the histograms added."""
+
+    _resource: Resource
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        merged = with_histograms(metrics_data, self._resource)
+        if merged is not None:
+            # The concrete reader's own (this class is only ever mixed in before one).
+            super()._receive_metrics(merged, timeout_millis, **kwargs)  # type: ignore[safe-super]
+
+
+class PrometheusReader(_WithHistograms, PrometheusMetricReader):
     """OpenTelemetry's Prometheus reader, reading these histograms with the provider's metrics."""
 
     def __init__(self, resource: Resource) -> None:
         super().__init__()
         self._resource = resource
 
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        merged = with_histograms(metrics_data, self._resource)
-        if merged is not None:
-            super()._receive_metrics(merged, timeout_millis, **kwargs)
 
-
-class OtlpReader(PeriodicExportingMetricReader):
+class OtlpReader(_WithHistograms, PeriodicExportingMetricReader):
     """OpenTelemetry's periodic OTLP reader, exporting these histograms with the provider's."""
 
     def __init__(self, exporter: Any, resource: Resource) -> None:
-        super().__init__(exporter)
         self._resource = resource
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        merged = with_histograms(metrics_data, self._resource)
-        if merged is not None:
-            super()._receive_metrics(merged, timeout_millis, **kwargs)
+        super().__init__(exporter)
