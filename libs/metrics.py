@@ -5,8 +5,9 @@ Every service serves its metrics at `http://<SHEPHERD_HOST>:<SHEPHERD_<SERVICE>_
 Prometheus' text format. It is OpenTelemetry's Prometheus reader over the process's one meter
 provider (plus libs/histograms.py's histograms), registered in prometheus_client's default
 registry, so one scrape also returns the process' CPU, memory and garbage-collector figures.
-The same instruments go out over OTLP as well when OTEL_EXPORTER_OTLP_ENDPOINT is set. The endpoint is a small threaded HTTP server of
-prometheus_client's, off the event loop: a scrape never delays a request.
+The same instruments go out over OTLP as well when OTEL_EXPORTER_OTLP_ENDPOINT is set. The
+endpoint is a small threaded HTTP server of prometheus_client's, off the event loop: a scrape
+never delays a request.
 
 Names become Prometheus names the exporter's way: dots become underscores, the unit is
 appended (`s` -> `_seconds`, `ms` -> `_milliseconds`; `{...}` annotations are dropped), and

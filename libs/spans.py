@@ -58,6 +58,10 @@ class LeanSpan(trace_api.Span, ReadableSpan):
     """A recording span: the API's `Span` for the code that writes it, the SDK's `ReadableSpan`
     for the processors and exporters that read it once it has ended."""
 
+    # Narrower than ReadableSpan's, which serve spans of any kind: a started span has both.
+    _context: SpanContext
+    _attributes: dict[str, Any]
+
     def __init__(
         self,
         name: str,
@@ -74,10 +78,10 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         # ReadableSpan's fields, set directly: its __init__ would build a Resource when none
         # is given, and every property reads these names.
         self._name = name
-        self._context = self._span_context = context
+        self._context = context
         self._parent = parent
         self._kind = kind
-        self._attributes = self._writable = attributes
+        self._attributes = attributes
         self._events: list[Event] = []
         self._links = links
         self._start_time = start_time
@@ -89,18 +93,18 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._processor = processor
 
     def get_span_context(self) -> SpanContext:
-        return self._span_context
+        return self._context
 
     def is_recording(self) -> bool:
         return self._end_time is None
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
         if self._end_time is None:
-            self._writable[key] = value
+            self._attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
         if self._end_time is None:
-            self._writable.update(attributes)
+            self._attributes.update(attributes)
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
