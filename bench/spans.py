@@ -81,7 +81,7 @@ def _request(tracer: Tracer, i: int) -> None:
 
 
 def _recording_us(tracer: Tracer, requests: int, pause_s: float) -> float:
-    """Thread CPU microseconds per request (two spans), median-free mean over `requests`."""
+    """Thread CPU microseconds per request (two spans), the mean over `requests`."""
     for i in range(200):
         _request(tracer, i)
     spent = 0
