@@ -150,17 +150,27 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, method: str
     itself passes through; anything else becomes INTERNAL with the trace id to look up, and
     its traceback goes to the log only, so no Python traceback text ever reaches a caller.
     """
-    if isinstance(error, ShepherdError):
-        await context.abort(error.code, error.wire_message, error.trailing_metadata())
     if isinstance(error, grpc.aio.AbortError):
         raise error
+    failure = as_shepherd_error(error, method)
+    await context.abort(failure.code, failure.wire_message, failure.trailing_metadata())
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def as_shepherd_error(error: Exception, method: str) -> ShepherdError:
+    """The error a caller is told about: a ShepherdError as it is, anything else INTERNAL.
+
+    For anything else the traceback goes to the log, with the trace id the caller is given
+    to look it up, so no Python traceback text ever reaches a caller.
+    """
+    if isinstance(error, ShepherdError):
+        return error
     trace_id = current_trace_id()
-    _log.exception("unhandled error", extra={"method": method})
-    await context.abort(
+    _log.error("unhandled error", exc_info=error, extra={"method": method})
+    return ShepherdError(
         grpc.StatusCode.INTERNAL,
         f"internal error in {method}; see the service logs for trace id {trace_id}",
     )
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

@@ -81,6 +81,22 @@ class ServiceGate(grpc.aio.ServerInterceptor):
         """Refuse every new call from now on (health and reflection stay open)."""
         self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        """Whether the service is draining: a call multiplexed on an open stream (the
+        scheduler's InferMany) is refused as a new call would be, and counted in `inflight`
+        while it runs, so `drain` waits for it too."""
+        return self._closed
+
+    @property
+    def refusal(self) -> str:
+        """What a call refused while draining is told."""
+        return f"{self._service} is shutting down: retry on another replica"
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Record the duration of a call multiplexed on a stream, as the gate records a call."""
+        self._rpc.record(method, code, seconds)
+
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every call let through has ended; False if some still run at timeout_s."""
         try:
@@ -101,11 +117,7 @@ class ServiceGate(grpc.aio.ServerInterceptor):
             handler = self._handlers[method] = _wrap(found, method, self.inflight, self._rpc)
         if self._closed:
             self._rpc.record(method, grpc.StatusCode.UNAVAILABLE, 0.0)
-            return refusal_handler(
-                handler,
-                grpc.StatusCode.UNAVAILABLE,
-                f"{self._service} is shutting down: retry on another replica",
-            )
+            return refusal_handler(handler, grpc.StatusCode.UNAVAILABLE, self.refusal)
         if self._policy is not None:
             access = self._policy.access(method)
             if access is not None:
@@ -221,7 +233,9 @@ def _wrap(
         return grpc.stream_unary_rpc_method_handler(
             _single(handler.stream_unary, method, inflight, rpc), **kwargs
         )
-    return handler  # no bidirectional methods in Shepherd's contracts
+    # A bidirectional stream (SchedulerService/InferMany) carries many requests: its servicer
+    # gives each its own span, status and duration (services/scheduler/multiplex.py).
+    return handler
 
 
 def refusal_handler(

@@ -50,7 +50,9 @@ class _WithMetadata:
         self._call = call
         self._fixed = fixed
 
-    def __call__(self, request: Any, *, metadata: Metadata | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self, request: Any = None, *, metadata: Metadata | None = None, **kwargs: Any
+    ) -> Any:
         extra = (*self._fixed, *trace_metadata())
         return self._call(request, metadata=(*metadata, *extra) if metadata else extra, **kwargs)
 

@@ -175,6 +175,7 @@ async def run_server(
     access: AccessPolicy | None = None,
     readiness: Sequence[Probe] = (),
     edges: Sequence[Edge] = (),
+    gate: ServiceGate | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully and run `cleanups` in order.
 
@@ -184,9 +185,11 @@ async def run_server(
     draining. `readiness` are the service's hard dependencies (libs/health.py); the server
     closes them. A fatal background task (libs/tasks.py) stops the service like SIGTERM
     does, and then `run_server` raises ServiceFailure. `edges` are served alongside (see
-    `Edge`) and drained with the gRPC calls.
+    `Edge`) and drained with the gRPC calls. `gate` is the service's own ServiceGate when
+    its servicer needs one too (one that multiplexes calls on a stream); else one is made.
     """
-    gate = ServiceGate(access, config.service)
+    if gate is None:
+        gate = ServiceGate(access, config.service)
     server = grpc.aio.server(interceptors=[gate], options=_SERVER_OPTIONS)
     service_names = []
     for binding in bindings:

@@ -39,6 +39,7 @@ async def serve() -> None:
         config.credentials,
         redis_client if config.scheduler_cluster else None,
         config.scheduler_cluster,
+        multiplex=config.multiplex,
     )
     await schedulers.start()
     authenticator = Authenticator(KeyStore(redis_client), config.key_cache_s)

@@ -68,6 +68,9 @@ class RouterConfig:
     # The scheduler cluster (SHEPHERD_SCHEDULER_CLUSTER) whose members, in Redis, own the
     # models' queues; empty: every request goes to scheduler_addr.
     scheduler_cluster: str = ""
+    # Unary chats go to the scheduler as calls on one open InferMany stream per replica
+    # (services/router/multiplex.py); False: one InferStream call each, as streams go.
+    multiplex: bool = True
 
     @property
     def http_address(self) -> str:
@@ -131,4 +134,5 @@ class RouterConfig:
             spool_hold_s=env_float("SHEPHERD_ROUTER_SPOOL_HOLD_S", 3600.0, minimum=1.0, env=env),
             http_port=http_port,
             scheduler_cluster=env_str("SHEPHERD_SCHEDULER_CLUSTER", "", env),
+            multiplex=env_bool("SHEPHERD_ROUTER_MULTIPLEX", True, env),
         )

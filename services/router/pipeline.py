@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from shepherd.billing.v1 import billing_pb2
@@ -38,6 +38,7 @@ from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, from_rpc_error, invalid_argument, status_code
 from libs.fingerprint import is_cacheable, request_fingerprint
 from libs.generation import task_violations
+from libs.membership import UNREACHABLE_METADATA
 from libs.retry import RetryPolicy
 from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
@@ -82,8 +83,27 @@ ChatLike: TypeAlias = router_pb2.ChatRequest | router_pb2.ChatStreamRequest
 _MIN_RETRY_S = 0.5
 
 
+class SchedulerCall(Protocol):
+    """A scheduler call the pipeline reads: InferStream, or one on an InferMany stream."""
+
+    async def read(self) -> Any: ...
+
+    def cancel(self) -> Any: ...
+
+
+def unreachable_of(metadata: Metadata) -> list[str]:
+    """The replicas `route`'s metadata names as unreachable."""
+    return [
+        replica
+        for key, value in metadata
+        if key == UNREACHABLE_METADATA
+        for replica in str(value).split(",")
+        if replica
+    ]
+
+
 async def _chunks(
-    call: grpc.aio.UnaryStreamCall,
+    call: SchedulerCall,
     first: object,
 ) -> AsyncIterator[scheduler_pb2.InferStreamResponse]:
     """The stream's chunks, the first of which was already read (or its error raised).
@@ -439,17 +459,25 @@ class ChatPipeline:
         retried = False
         while True:
             replica, scheduler, metadata = self._scheduler.route(chat.model.name)
-            call = scheduler.InferStream(
-                scheduler_request,
-                # The scheduler stops a little before the caller's own deadline, so the final
-                # chunk (with what was generated, billed) still reaches the caller.
-                timeout=_before(self._remaining(chat.deadline, self._config.default_timeout_s)),
-                metadata=metadata,
-            )
+            # The scheduler stops a little before the caller's own deadline, so the final
+            # chunk (with what was generated, billed) still reaches the caller.
+            timeout_s = _before(self._remaining(chat.deadline, self._config.default_timeout_s))
+            # A call on the replica's open InferMany stream, unless it has none.
+            multiplexed = self._scheduler.multiplexed(replica)
+            call: SchedulerCall
+            if multiplexed is None:
+                call = scheduler.InferStream(
+                    scheduler_request, timeout=timeout_s, metadata=metadata
+                )
+            else:
+                call = multiplexed.start(scheduler_request, timeout_s, unreachable_of(metadata))
             first: object
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:
+                if multiplexed is not None and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._scheduler.unimplemented(replica)  # nothing ran: send it the old way
+                    continue
                 if (
                     not retried
                     and self._scheduler.retryable(replica, error)

@@ -36,6 +36,7 @@ from libs.errors import STATUS_DETAILS_KEY, unpack_details
 from libs.membership import NOT_OWNER_REASON, UNREACHABLE_METADATA, MemberReader, owner_of
 from libs.peers import PeerChannel, open_channel
 from libs.tasks import supervise
+from services.router.multiplex import InferManyClient
 
 _log = logging.getLogger(__name__)
 
@@ -66,10 +67,18 @@ class SchedulerDirectory:
         *,
         poll_s: float = 0.5,
         suspect_s: float = 3.0,
+        multiplex: bool = True,
     ) -> None:
         self._credentials = credentials
         self._fallback = open_channel(address, credentials)
         self._fallback_stub = scheduler_pb2_grpc.SchedulerServiceStub(self._fallback)
+        # One InferMany stream per replica ("" for the fallback), for unary chats; none when
+        # turned off, and none for a replica that answered UNIMPLEMENTED (an older version).
+        self._multiplex = multiplex
+        self._multiplexed: dict[str, InferManyClient] = {}
+        if multiplex:
+            self._multiplexed[""] = InferManyClient(self._fallback)
+        self._plain: set[str] = set()
         self._reader = MemberReader(client, cluster) if client is not None and cluster else None
         self._poll_s = poll_s
         self._suspect_s = suspect_s
@@ -119,6 +128,9 @@ class SchedulerDirectory:
         for replica, (address, channel, _) in list(self._channels.items()):
             if members.get(replica) != address:
                 del self._channels[replica]
+                multiplexed = self._multiplexed.pop(replica, None)
+                if multiplexed is not None:
+                    await multiplexed.close()
                 await channel.close()
         for replica, address in members.items():
             if replica not in self._channels and address:
@@ -128,6 +140,8 @@ class SchedulerDirectory:
                     channel,
                     scheduler_pb2_grpc.SchedulerServiceStub(channel),
                 )
+                if self._multiplex:
+                    self._multiplexed[replica] = InferManyClient(channel)
         _log.info("scheduler members", extra={"members": sorted(members)})
         self._members = members
         self._owners = {}
@@ -158,6 +172,23 @@ class SchedulerDirectory:
         metadata = ((UNREACHABLE_METADATA, ",".join(sorted(suspects))),) if suspects else ()
         return owner, self._channels[owner][2], metadata
 
+    def multiplexed(self, replica: str) -> InferManyClient | None:
+        """The InferMany stream to `replica`, as `route` named it ("" for the fallback); None
+        when unary chats go as InferStream calls to it."""
+        if replica in self._plain:
+            return None
+        return self._multiplexed.get(replica)
+
+    def unimplemented(self, replica: str) -> None:
+        """`replica` does not serve InferMany (a version from before it, mid-upgrade): its
+        unary chats go as InferStream calls from now on."""
+        if replica not in self._plain:
+            self._plain.add(replica)
+            _log.warning(
+                "scheduler replica does not serve InferMany; unary chats use InferStream",
+                extra={"replica": replica or "(configured address)"},
+            )
+
     def retryable(self, replica: str, error: grpc.aio.AioRpcError) -> bool:
         """Whether a request that failed before any text may go once more (see the module
         doc), marking an unreachable replica as suspect."""
@@ -186,6 +217,9 @@ class SchedulerDirectory:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for multiplexed in self._multiplexed.values():
+            await multiplexed.close()
+        self._multiplexed.clear()
         for _, channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()

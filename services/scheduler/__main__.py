@@ -11,6 +11,7 @@ from shepherd.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from libs.catalog import Pool, load_catalog
 from libs.credentials import Access, AccessPolicy
+from libs.gate import ServiceGate
 from libs.peers import open_channel
 from libs.server import Binding, main, open_redis, run_server, setup_process
 from libs.tasks import supervise
@@ -164,6 +165,17 @@ async def serve() -> None:
             await usage.close()  # what the last batches did
             await billing.close()
 
+    # Operators read GetStats and GetAssignments with an admin key; only the router may queue
+    # inference, and only the replicas ask each other to load (EnsureLoaded).
+    access = AccessPolicy(
+        config.credentials,
+        {
+            "/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN,
+            "/shepherd.scheduler.v1.SchedulerService/GetAssignments": Access.INTERNAL_OR_ADMIN,
+        },
+    )
+    # The servicer shares the gate: calls multiplexed on InferMany drain with the others.
+    gate = ServiceGate(access, config.server.service)
     binding = Binding(
         add=scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server,
         servicer=SchedulerServicer(
@@ -177,23 +189,15 @@ async def serve() -> None:
             cluster,
             replica_id=config.cluster.replica_id or config.server.address,
             stream_interval_s=config.stream_interval_s,
+            gate=gate,
         ),
         service=scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"],
-    )
-    # Operators read GetStats and GetAssignments with an admin key; only the router may queue
-    # inference, and only the replicas ask each other to load (EnsureLoaded).
-    access = AccessPolicy(
-        config.credentials,
-        {
-            "/shepherd.scheduler.v1.SchedulerService/GetStats": Access.INTERNAL_OR_ADMIN,
-            "/shepherd.scheduler.v1.SchedulerService/GetAssignments": Access.INTERNAL_OR_ADMIN,
-        },
     )
     await run_server(
         config.server,
         [binding],
         cleanups=[close_scheduling],
-        access=access,
+        gate=gate,
         readiness=[
             ModelsProbe(catalog.models, dispatcher),
             *([MembershipProbe(cluster)] if cluster is not None else []),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import grpc
 from google.rpc import error_details_pb2
@@ -22,6 +22,7 @@ from libs import genai
 from libs.apikeys import valid_tenant
 from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, invalid_argument
+from libs.gate import ServiceGate
 from libs.generation import (
     embedding_violations,
     message_violations,
@@ -35,6 +36,7 @@ from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
 from services.scheduler.cluster import Cluster
 from services.scheduler.events import finish_reason
+from services.scheduler.multiplex import InferManyStream
 from services.scheduler.nodes import ModelState, NodePool, NodeState
 from services.scheduler.placement import LOAD, LOAD_FAILED, UNLOAD, Placer
 from services.scheduler.queue import CLASSES, PendingRequest
@@ -65,27 +67,36 @@ def _too_late(model: Model, timeout_s: float) -> ShepherdError:
     )
 
 
-def _final(
-    reason: int,
-    used: common_pb2.Usage,
-    placement: common_pb2.Placement | None,
-    *,
-    estimated: bool = False,
-    text: str = "",
-    seed: int | None = None,
-    document_ids: Sequence[str] = (),
-) -> scheduler_pb2.InferStreamResponse:
-    return scheduler_pb2.InferStreamResponse(
-        final=common_pb2.CompletionFinal(
-            finish_reason=reason,
-            usage=used,
-            placement=placement,
-            usage_estimated=estimated,
-            text=text,
-            seed=seed,
-            document_ids=document_ids,
-        )
+def _partial(item: PendingRequest, reason: int) -> common_pb2.CompletionFinal | None:
+    """The final chunk of a request that ended early: the usage generated so far, to bill;
+    None when nothing was generated (there is nothing to bill)."""
+    channel = item.events
+    if not (channel.started or channel.partial_usage.total_tokens):
+        return None
+    return common_pb2.CompletionFinal(finish_reason=reason, usage=channel.partial_usage)
+
+
+def _ended(item: PendingRequest, completion: common_pb2.Completion) -> common_pb2.CompletionFinal:
+    """The final chunk of a request that ended well: the whole text unless it was streamed."""
+    return common_pb2.CompletionFinal(
+        finish_reason=finish_reason(completion.finish_reason),
+        usage=completion.usage,
+        placement=completion.placement,
+        usage_estimated=item.events.estimated,
+        text="" if item.deltas else completion.text,
+        seed=item.params.seed if _sampled(item) else None,
+        document_ids=completion.document_ids,
     )
+
+
+def _unreachable(context: grpc.aio.ServicerContext) -> list[str]:
+    """The replicas a router could not reach, as a call's metadata names them."""
+    return [
+        replica
+        for key, value in context.invocation_metadata() or ()
+        if key == UNREACHABLE_METADATA
+        for replica in str(value).split(",")
+    ]
 
 
 def _sampled(item: PendingRequest) -> bool:
@@ -112,8 +123,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         cluster: Cluster | None = None,
         replica_id: str = "",
         stream_interval_s: float = 0.0,
+        gate: ServiceGate | None = None,
     ) -> None:
         self._cluster = cluster
+        self._gate = gate
         self._stream_interval_s = stream_interval_s
         self._replica_id = cluster.replica_id if cluster is not None else replica_id
         self._catalog = catalog
@@ -130,9 +143,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _pending(
         self,
         request: scheduler_pb2.InferRequest | scheduler_pb2.InferStreamRequest,
-        context: grpc.aio.ServicerContext,
+        remaining_s: float | None,
+        unreachable_ids: Iterable[str],
+        *,
+        deltas: bool,
     ) -> tuple[Model, PendingRequest, float]:
-        """Validate a request (even from the router: it owns its input) and make it pending."""
+        """Validate a request (even from the router: it owns its input) and make it pending.
+
+        `remaining_s` is what is left of the caller's deadline (None: the default timeout),
+        `unreachable_ids` the replicas the router could not reach, and `deltas` whether the
+        caller reads text as it is generated.
+        """
         model = self._catalog.resolve(request.model)
         violations = []
         if not valid_tenant(request.tenant):
@@ -148,9 +169,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if violations:
             raise invalid_argument(violations)
         set_tenant(request.tenant)
-        unreachable = await self._owned(model, context)
-        remaining = context.time_remaining()
-        timeout_s = self._default_timeout_s if remaining is None else remaining
+        unreachable = await self._owned(model, unreachable_ids)
+        timeout_s = self._default_timeout_s if remaining_s is None else remaining_s
         params = request.params
         if params.temperature > 0 and not params.HasField("seed"):
             # Sampling without a seed means fresh randomness: a seed of our own per request,
@@ -168,8 +188,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             priority=request.priority,
             self_hosted_only=request.self_hosted_only,
             weight=self._catalog.tenant(request.tenant).weight,
-            # Only a stream that asked for them gets deltas; unary Infer reads the outcome alone.
-            deltas=isinstance(request, scheduler_pb2.InferStreamRequest) and not request.final_only,
+            deltas=deltas,
             unreachable=unreachable,
         )
         return model, item, timeout_s
@@ -177,7 +196,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Infer(
         self, request: scheduler_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.InferResponse:
-        model, item, timeout_s = await self._pending(request, context)
+        model, item, timeout_s = await self._pending(
+            request, context.time_remaining(), _unreachable(context), deltas=False
+        )
         completion: common_pb2.Completion | None = None
         error_type = ""
         # If the caller cancels, awaiting cancels the outcome too: the request leaves the
@@ -204,12 +225,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def InferStream(
         self, request: scheduler_pb2.InferStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.InferStreamResponse]:
-        """Deltas as the backend produces them, then one final chunk on every path.
+        """Deltas as the backend produces them, then one final chunk on every path."""
+        remaining_s, unreachable = context.time_remaining(), _unreachable(context)
+        async for chunk in self.answer(request, remaining_s, unreachable):
+            yield chunk
+
+    async def answer(
+        self,
+        request: scheduler_pb2.InferStreamRequest,
+        remaining_s: float | None,
+        unreachable_ids: Iterable[str],
+    ) -> AsyncIterator[scheduler_pb2.InferStreamResponse]:
+        """The chunks of one request, for InferStream and for each call on an InferMany stream
+        (services/scheduler/multiplex.py): deltas unless final_only, then one final chunk.
 
         On an error or a passed deadline after some text, the final chunk carries the usage
-        so far (so the router bills what was generated), then the error status follows.
+        so far (so the router bills what was generated), then the error is raised.
         """
-        model, item, timeout_s = await self._pending(request, context)
+        model, item, timeout_s = await self._pending(
+            request, remaining_s, unreachable_ids, deltas=not request.final_only
+        )
         channel = item.events
         completion: common_pb2.Completion | None = None
         error_type = grpc.StatusCode.CANCELLED.name  # until it ends any other way
@@ -225,26 +260,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 error_type = ""
         except TimeoutError:
             error_type = grpc.StatusCode.DEADLINE_EXCEEDED.name
-            if channel.started:
-                yield _final(common_pb2.FINISH_REASON_CANCELLED, channel.partial_usage, None)
+            partial = _partial(item, common_pb2.FINISH_REASON_CANCELLED)
+            if partial is not None:
+                yield scheduler_pb2.InferStreamResponse(final=partial)
             raise _too_late(model, timeout_s) from None
         except ShepherdError as error:
             error_type = error.code.name
-            if channel.started or channel.partial_usage.total_tokens:
-                yield _final(common_pb2.FINISH_REASON_ERROR, channel.partial_usage, None)
+            partial = _partial(item, common_pb2.FINISH_REASON_ERROR)
+            if partial is not None:
+                yield scheduler_pb2.InferStreamResponse(final=partial)
             raise
         finally:
             item.future.cancel()  # the caller went away (or it is done): stop the work
             self._served(model, item, completion, error_type)
-        yield _final(
-            finish_reason(completion.finish_reason),
-            completion.usage,
-            completion.placement,
-            estimated=channel.estimated,
-            text="" if item.deltas else completion.text,
-            seed=item.params.seed if _sampled(item) else None,
-            document_ids=completion.document_ids,
-        )
+        yield scheduler_pb2.InferStreamResponse(final=_ended(item, completion))
+
+    async def InferMany(
+        self,
+        request_iterator: AsyncIterator[scheduler_pb2.InferManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[scheduler_pb2.InferManyResponse]:
+        """Many requests on one open stream (services/scheduler/multiplex.py)."""
+        async for response in InferManyStream(self.answer, self._gate).serve(request_iterator):
+            yield response
 
     async def Embed(
         self, request: scheduler_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -258,7 +296,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         violations.extend(priority_violations(request.priority))
         if violations:
             raise invalid_argument(violations)
-        unreachable = await self._owned(model, context)
+        unreachable = await self._owned(model, _unreachable(context))
         remaining = context.time_remaining()
         timeout_s = self._default_timeout_s if remaining is None else remaining
         deadline = time.monotonic() + timeout_s
@@ -305,7 +343,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             )
         )
 
-    async def _owned(self, model: Model, context: grpc.aio.ServicerContext) -> frozenset[str]:
+    async def _owned(self, model: Model, unreachable_ids: Iterable[str]) -> frozenset[str]:
         """Scale-out: refuse a model another replica owns (its queue is there), naming it.
 
         In memory on the hot path; only a request this replica believes it does not own reads
@@ -317,11 +355,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if cluster is None:
             return frozenset()
         unreachable = frozenset(
-            replica
-            for key, value in context.invocation_metadata() or ()
-            if key == UNREACHABLE_METADATA
-            for replica in str(value).split(",")
-            if replica and replica != cluster.replica_id
+            replica for replica in unreachable_ids if replica and replica != cluster.replica_id
         )
         if cluster.owns(model.name, unreachable):
             return unreachable

@@ -359,7 +359,7 @@ def test_one_request_makes_one_trace_across_all_services(
     scheduler_server = next(
         s
         for s in spans
-        if s.name == "/shepherd.scheduler.v1.SchedulerService/InferStream"
+        if s.name == "/shepherd.scheduler.v1.SchedulerService/InferMany"
         and s.service == "shepherd-scheduler"
     )
     assert (response.trace_id, scheduler_server.span_id) in batch.links

@@ -113,7 +113,7 @@ def test_chat_spans_carry_the_genai_conventions(
     assert attributes["shepherd.cost.nano_usd"] == answer.cost.nano_usd
     # The hops the chat made are its children: the cache lookup and the scheduler's stream.
     children = {s.name for s in spans if s.parent_span_id == span.span_id}
-    assert "/shepherd.scheduler.v1.SchedulerService/InferStream" in children
+    assert "/shepherd.scheduler.v1.SchedulerService/InferMany" in children
 
     # A hosted model: the provider is the catalog's, and the scheduler's call to it is a
     # GenAI client span too.
@@ -168,8 +168,8 @@ def test_metrics_count_what_the_traffic_did(
     calls = "rpc_server_duration_milliseconds_count"
     for code, count in ((0, 3), (5, 1), (3, 1), (16, 1)):
         assert added("router", calls, rpc_method="Chat", rpc_grpc_status_code=str(code)) == count
-    # Each answered chat made one scheduler stream and one cache lookup.
-    assert added("scheduler", calls, rpc_method="InferStream", rpc_grpc_status_code="0") == 3
+    # Each answered chat made one call on the scheduler's InferMany stream and one cache lookup.
+    assert added("scheduler", calls, rpc_method="InferMany", rpc_grpc_status_code="0") == 3
     assert added("cache", calls, rpc_method="Lookup", rpc_grpc_status_code="0") == 3
 
     prompt = sum(a.usage.prompt_tokens for a in answers)
