@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
+from libs.scripts import GroupedScript
 from libs.server import text
 
 WINDOW_MS = 60_000
@@ -430,8 +431,9 @@ class Accounts:
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
-        self._admit = client.register_script(_ADMIT)
-        self._record = client.register_script(_RECORD)
+        # Every request runs these two: concurrent calls share a pipeline (libs/scripts.py).
+        self._admit = GroupedScript(client, _ADMIT)
+        self._record = GroupedScript(client, _RECORD)
         self._release = client.register_script(_RELEASE)
         self._sweep = client.register_script(_SWEEP)
 
