@@ -8,8 +8,8 @@ about 21 µs (measured on this machine against a local Valkey), and Valkey reads
 once for them all.
 
 Nobody waits for company: a call goes out at once, alone, while fewer than `max_in_flight`
-sends are outstanding. Only calls that arrive while that many are outstanding wait, and they
-go together as soon as one returns. So a lone request pays no added latency, and under load
+sends (1 by default) are outstanding. Only calls that arrive while that many are outstanding
+wait, and they go together as soon as one returns. So a lone request pays no added latency, and under load
 the calls group themselves. Each call still gets its own result or its own error, and a
 caller cancelled before its group is sent is left out of it.
 
@@ -35,7 +35,7 @@ Call = tuple[Sequence[Key], Sequence[Arg], "asyncio.Future[Any]"]
 class GroupedScript:
     """A registered Lua script; `await script(keys=..., args=...)` as with redis-py's own."""
 
-    def __init__(self, client: redis.Redis, source: str, max_in_flight: int = 2) -> None:
+    def __init__(self, client: redis.Redis, source: str, max_in_flight: int = 1) -> None:
         self._client = client
         self._script = client.register_script(source)
         self._max_in_flight = max_in_flight

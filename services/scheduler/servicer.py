@@ -63,7 +63,7 @@ _ACTIONS = {
 def _too_late(model: Model, timeout_s: float) -> ShepherdError:
     return ShepherdError(
         grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"no answer from the {model.name} backends within {timeout_s:.1f}s",
+        f"deadline exceeded: no answer from the {model.name} backends within {timeout_s:.1f}s",
     )
 
 
