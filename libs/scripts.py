@@ -9,9 +9,9 @@ once for them all.
 
 Nobody waits for company: a call goes out at once, alone, while fewer than `max_in_flight`
 sends (1 by default) are outstanding. Only calls that arrive while that many are outstanding
-wait, and they go together as soon as one returns. So a lone request pays no added latency, and under load
-the calls group themselves. Each call still gets its own result or its own error, and a
-caller cancelled before its group is sent is left out of it.
+wait, and they go together as soon as one returns. So a lone request pays no added latency,
+and under load the calls group themselves. Each call still gets its own result or its own
+error, and a caller cancelled before its group is sent is left out of it.
 
 redis-py's own pipelines would check and load every script before each send (one more round
 trip); here EVALSHA is sent directly, and a script Redis no longer holds (after a restart or
