@@ -16,7 +16,8 @@ runs the same code the router and billing run:
 CPU is this process's user+system time (`time.process_time`) over N requests, so the
 machine's other load does not count; Valkey's own CPU is reported apart, from its
 /proc/<pid>/stat. Round trips are counted at the client: every command the Redis client
-sends. Each mode runs sequentially (concurrency 1) and with 32 requests in flight. Both modes
+sends, and every pipeline (libs/scripts.py groups concurrent script calls into one). Each
+mode runs sequentially (concurrency 1) and with 32 requests in flight. Both modes
 run interleaved, three rounds each, and the median round is reported, so a noisy neighbour
 hits both alike.
 
@@ -68,13 +69,24 @@ class Row:
 
 
 class CountingRedis(redis.Redis):
-    """A Redis client that counts the commands it sends: one command is one round trip."""
+    """A Redis client that counts its round trips: one per command, one per pipeline."""
 
     sent = 0
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         CountingRedis.sent += 1
         return await super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        async def counted(raise_on_error: bool = True) -> Any:
+            CountingRedis.sent += 1
+            return await execute(raise_on_error=raise_on_error)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
 
 
 def valkey_cpu_s(pid: int) -> float:
