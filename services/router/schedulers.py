@@ -72,8 +72,8 @@ class SchedulerDirectory:
         self._credentials = credentials
         self._fallback = open_channel(address, credentials)
         self._fallback_stub = scheduler_pb2_grpc.SchedulerServiceStub(self._fallback)
-        # One InferMany stream per replica ("" for the fallback), for unary chats; none when
-        # turned off, and none for a replica that answered UNIMPLEMENTED (an older version).
+        # One InferMany stream per replica ("" for the fallback) carries its requests; none
+        # when turned off, and none for a replica that answered UNIMPLEMENTED (older).
         self._multiplex = multiplex
         self._multiplexed: dict[str, InferManyClient] = {}
         if multiplex:
@@ -174,18 +174,18 @@ class SchedulerDirectory:
 
     def multiplexed(self, replica: str) -> InferManyClient | None:
         """The InferMany stream to `replica`, as `route` named it ("" for the fallback); None
-        when unary chats go as InferStream calls to it."""
+        when its requests go as InferStream calls."""
         if replica in self._plain:
             return None
         return self._multiplexed.get(replica)
 
     def unimplemented(self, replica: str) -> None:
         """`replica` does not serve InferMany (a version from before it, mid-upgrade): its
-        unary chats go as InferStream calls from now on."""
+        requests go as InferStream calls from now on."""
         if replica not in self._plain:
             self._plain.add(replica)
             _log.warning(
-                "scheduler replica does not serve InferMany; unary chats use InferStream",
+                "scheduler replica does not serve InferMany; its requests use InferStream",
                 extra={"replica": replica or "(configured address)"},
             )
 
