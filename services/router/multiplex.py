@@ -209,10 +209,10 @@ class InferManyClient:
         """Send `request` on the stream (opened if need be); read the returned call's outcome."""
         stream = self._stream
         if stream is None or stream.error is not None:
-            # Opened outside any request's trace: the stream is shared, each call carries its
-            # own. A stream that ended has already failed its calls and stopped its tasks.
-            call = contextvars.Context().run(self._open, None)
-            stream = self._stream = _Stream(call)
+            # Opened, and its tasks started, outside any request's trace and tenant: the
+            # stream is shared, each call carries its own. A stream that ended has already
+            # failed its calls and stopped its tasks.
+            stream = self._stream = contextvars.Context().run(self._new_stream)
         traceparent = tracestate = ""
         for key, value in trace_metadata():
             if key == "traceparent":
@@ -229,6 +229,9 @@ class InferManyClient:
             ),
             timeout_s,
         )
+
+    def _new_stream(self) -> _Stream:
+        return _Stream(self._open(None))
 
     async def close(self) -> None:
         stream, self._stream = self._stream, None

@@ -140,7 +140,7 @@ class InferManyStream:
             del self._tasks[call_id]
         if task.cancelled():
             self._leave(1)  # cancelled by its caller: nothing more to send, not in flight
-            self._wake.set()
+        self._wake.set()  # the last call gone from a stream the caller closed: it ends
 
     async def _call(self, call: scheduler_pb2.InferCall) -> None:
         """Serve one call in its own span, queueing its events for the next message."""
