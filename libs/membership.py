@@ -36,6 +36,22 @@ NOT_OWNER_REASON = "SCHEDULER_NOT_OWNER"
 ERROR_DOMAIN = "shepherd.scheduler"
 
 
+def replica_ids(value: str) -> list[str]:
+    """The replica ids in a comma-separated list (UNREACHABLE_METADATA's value, and an
+    InferMany call's `unreachable_replicas`)."""
+    return [replica for replica in value.split(",") if replica]
+
+
+def unreachable_in(metadata: Iterable[tuple[str, str | bytes]]) -> list[str]:
+    """The replica ids a call's UNREACHABLE_METADATA names."""
+    return [
+        replica
+        for key, value in metadata
+        if key == UNREACHABLE_METADATA
+        for replica in replica_ids(str(value))
+    ]
+
+
 def prefix(cluster: str) -> str:
     """All of one scheduler cluster's keys start with this (one hash slot)."""
     return f"{CLUSTER_KEY_PREFIX}:{{{cluster}}}"

@@ -38,7 +38,7 @@ from libs.catalog import Catalog, Model
 from libs.errors import ShepherdError, from_rpc_error, invalid_argument, status_code
 from libs.fingerprint import is_cacheable, request_fingerprint
 from libs.generation import task_violations
-from libs.membership import UNREACHABLE_METADATA
+from libs.membership import unreachable_in
 from libs.retry import RetryPolicy
 from libs.telemetry import current_trace_id, trace_metadata
 from services.router.auth import Authenticator
@@ -89,17 +89,6 @@ class SchedulerCall(Protocol):
     async def read(self) -> Any: ...
 
     def cancel(self) -> Any: ...
-
-
-def unreachable_of(metadata: Metadata) -> list[str]:
-    """The replicas `route`'s metadata names as unreachable."""
-    return [
-        replica
-        for key, value in metadata
-        if key == UNREACHABLE_METADATA
-        for replica in str(value).split(",")
-        if replica
-    ]
 
 
 async def _chunks(
@@ -470,7 +459,7 @@ class ChatPipeline:
                     scheduler_request, timeout=timeout_s, metadata=metadata
                 )
             else:
-                call = multiplexed.start(scheduler_request, timeout_s, unreachable_of(metadata))
+                call = multiplexed.start(scheduler_request, timeout_s, unreachable_in(metadata))
             first: object
             try:
                 first = await call.read()

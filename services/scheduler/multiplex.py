@@ -33,6 +33,7 @@ from shepherd.scheduler.v1 import scheduler_pb2
 
 from libs.errors import ShepherdError, as_shepherd_error
 from libs.gate import ServiceGate
+from libs.membership import replica_ids
 from libs.telemetry import MAX_TRACE_HEADER, end_status, server_span
 
 METHOD = "/shepherd.scheduler.v1.SchedulerService/InferMany"
@@ -159,7 +160,7 @@ class InferManyStream:
                     async for chunk in self._answer(
                         call.request,
                         call.timeout_ms / 1000 if call.timeout_ms else None,
-                        call.unreachable_replicas.split(",") if call.unreachable_replicas else (),
+                        replica_ids(call.unreachable_replicas),
                     ):
                         if chunk.HasField("delta"):
                             self._ready.append(

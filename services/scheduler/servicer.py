@@ -30,7 +30,7 @@ from libs.generation import (
     priority_violations,
     task_violations,
 )
-from libs.membership import ERROR_DOMAIN, NOT_OWNER_REASON, UNREACHABLE_METADATA, describe
+from libs.membership import ERROR_DOMAIN, NOT_OWNER_REASON, describe, unreachable_in
 from libs.telemetry import set_tenant
 from services.scheduler.admission import Admission
 from services.scheduler.batcher import Batcher
@@ -91,12 +91,7 @@ def _ended(item: PendingRequest, completion: common_pb2.Completion) -> common_pb
 
 def _unreachable(context: grpc.aio.ServicerContext) -> list[str]:
     """The replicas a router could not reach, as a call's metadata names them."""
-    return [
-        replica
-        for key, value in context.invocation_metadata() or ()
-        if key == UNREACHABLE_METADATA
-        for replica in str(value).split(",")
-    ]
+    return unreachable_in(context.invocation_metadata() or ())
 
 
 def _sampled(item: PendingRequest) -> bool:
