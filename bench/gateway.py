@@ -35,7 +35,7 @@ b. CPU milliseconds per request of every process, read from /proc over each path
    stubs, by process group), simulator and this client. The four services together are the
    headline "mesh CPU ms/req".
 c. Throughput frontier: mesh (`Chat`, shepherd-echo, bypass) against direct Triton (echo_lm)
-   at each concurrency level (1, 4, 16, 32, 64, 128 by default; level 1 is comparison a's),
+   at each concurrency level (1, 4, 16, 32, 64, 128, 256 by default; level 1 is comparison a's),
    as req/s, p50, p99 and the cores each process used; the frontier is, per path, the highest
    req/s measured whose p99 stays under 10, 50 and 100 ms.
 d. `--profile`: one more mesh level (not counted in c) with py-spy recording each of the four
@@ -632,8 +632,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=_levels,
-        default=(1, 4, 16, 32, 64, 128),
-        help="throughput levels (1,4,16,32,64,128); level 1 is always measured",
+        default=(1, 4, 16, 32, 64, 128, 256),
+        help="throughput levels (1,4,16,32,64,128,256); level 1 is always measured",
     )
     parser.add_argument(
         "--requests", type=int, default=1500, help="measured per path at each level > 1 (1500)"
